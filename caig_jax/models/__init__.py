@@ -1,0 +1,1 @@
+"""Flax NNX models. Every parameter carries logical axis names (see `caig_jax.parallel`)."""

@@ -1,0 +1,126 @@
+"""Small building blocks shared by every model: parameter-annotated Linear / Conv / norms / embeddings.
+
+Each helper attaches logical axis names to its parameters (`out_sharding` metadata) so that
+`caig_jax.parallel.LOGICAL_AXIS_RULES` can place them on any mesh. Kernels follow Flax conventions:
+Linear `[in, out]`, Conv `[kh, kw, in, out]` (NHWC activations); converters transpose PyTorch tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    axes: Axes,
+    *,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    kernel_init=nnx.initializers.lecun_normal(),
+) -> nnx.Linear:
+    """`nnx.Linear` with kernel `[in, out]` annotated `axes` and bias annotated `(axes[1],)`."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.with_partitioning(kernel_init, axes),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+        rngs=rngs,
+    )
+
+
+def conv2d(
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    *,
+    rngs: nnx.Rngs,
+    strides: int = 1,
+    padding: int | str = 0,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    axes: Axes = ("conv_h", "conv_w", "conv_in", "conv_out"),
+) -> nnx.Conv:
+    """NHWC `nnx.Conv` with PyTorch-style symmetric integer padding; kernel `[kh, kw, in, out]`."""
+    ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
+    return nnx.Conv(
+        in_features,
+        out_features,
+        kernel_size=ks,
+        strides=(strides, strides),
+        padding=pad,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[-1],)),
+        rngs=rngs,
+    )
+
+
+def layer_norm(
+    features: int, *, rngs: nnx.Rngs, epsilon: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32
+) -> nnx.LayerNorm:
+    """LayerNorm computed in float32 whatever the compute dtype (norms stay fp32 by convention)."""
+    return nnx.LayerNorm(
+        features,
+        epsilon=epsilon,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)),
+        rngs=rngs,
+    )
+
+
+def group_norm(
+    features: int, num_groups: int, *, rngs: nnx.Rngs, epsilon: float = 1e-5, param_dtype=jnp.float32
+) -> nnx.GroupNorm:
+    """GroupNorm over NHWC channels, in float32."""
+    return nnx.GroupNorm(
+        features,
+        num_groups=num_groups,
+        epsilon=epsilon,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)),
+        rngs=rngs,
+    )
+
+
+def embed(
+    num_embeddings: int,
+    features: int,
+    axes: Axes,
+    *,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+) -> nnx.Embed:
+    """`nnx.Embed` with its table `[num, features]` annotated `axes`."""
+    return nnx.Embed(
+        num_embeddings,
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), axes),
+        rngs=rngs,
+    )
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Axes, dtype=jnp.float32) -> nnx.Param:
+    """A free-standing parameter (class embedding, image_newline, ...) with logical axes."""
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=axes)
