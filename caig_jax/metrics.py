@@ -1,0 +1,91 @@
+"""Metric writing (TensorBoard event files + JSONL) and a console progress bar.
+
+Only process 0 writes files; every process may call the methods.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+
+def _scalar(value) -> float:
+    return float(np.asarray(value).reshape(()))
+
+
+class MetricWriter:
+    """Writes scalars to `<workdir>/tensorboard/` (tensorboardX) and `<workdir>/metrics.jsonl`."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        self._jsonl = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+            self._jsonl = open(self.jsonl_path, "a", buffering=1)
+
+    def write(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "time": time.time()}
+        for name, value in metrics.items():
+            key = f"{prefix}{name}"
+            v = _scalar(value)
+            record[key] = v if math.isfinite(v) else str(v)
+            self._tb.add_scalar(key, v, int(step))
+        self._jsonl.write(json.dumps(record) + "\n")
+
+    def write_image(self, step: int, name: str, image_hwc_uint8: np.ndarray) -> None:
+        if self.enabled:
+            self._tb.add_image(name, np.asarray(image_hwc_uint8), int(step), dataformats="HWC")
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """tqdm bar over training steps showing steps/s, examples/s, the loss and an ETA."""
+
+    def __init__(self, total_steps: int, start_step: int, examples_per_step: int, desc: str = "train"):
+        self.examples_per_step = examples_per_step
+        self._bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc=desc,
+            unit="step",
+            dynamic_ncols=True,
+            disable=jax.process_index() != 0,
+            smoothing=0.1,
+        )
+        self._last = time.perf_counter()
+
+    def update(self, loss: float) -> None:
+        now = time.perf_counter()
+        dt, self._last = now - self._last, now
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{loss:.4g}", ex_per_s=f"{self.examples_per_step / max(dt, 1e-9):.1f}", refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()

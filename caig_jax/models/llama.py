@@ -1,0 +1,414 @@
+"""Llama decoder (Vicuna / Llama-2 / Llama-3 family) with a preallocated KV cache.
+
+Matches transformers' `LlamaForCausalLM` (5.x): RMSNorm computed in float32, rotary position embeddings with
+the config's `rope_theta` and `linear` / `llama3` scaling, grouped-query attention written as explicit einsums
+with a float32 softmax, SwiGLU MLP, tied or untied output embeddings.
+
+Parameters carry logical axes (see `caig_jax.parallel.LOGICAL_AXIS_RULES`): attention kernels are
+`[embed, heads]` / `[embed, kv_heads]` / `[heads, embed]` (2-D `[in, out]` kernels whose output is the
+flattened `heads * head_dim`, so that LoRA and the converters see plain Linear layers), the MLP is
+`[embed, mlp]` / `[mlp, embed]`, the token table is `[vocab, embed]`, the untied head `[embed, vocab]`.
+
+Two ways in:
+- `LlamaForCausalLM.__call__(input_ids, attention_mask=None)` -> `float32[B, T, V]` logits (no cache).
+- `embed` -> `decode(..., cache=, cache_index=)` -> `logits`: the pieces the LLaVA glue and the sampler use.
+  `decode` works on a caller-owned cache (a tuple of `(k, v)` arrays per layer, `[B, S, kv_heads, head_dim]`),
+  writes the new keys/values at slot `cache_index` and returns the updated cache: it is a pure function of
+  its inputs, so it runs inside `jax.lax.while_loop` without NNX state mutation.
+
+Positions are explicit (`int32[B, T]`). For left-padded batches use `positions_from_mask(attention_mask)`
+(cumulative sum of the mask minus one, as transformers' `generate` does); RoPE is relative, so the attention
+among real tokens does not depend on how much padding precedes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from caig_jax.models import layers
+
+# Large negative logit for masked attention entries. Finite (not -inf) so that a query row with no visible key
+# (a left-pad position) yields a finite, ignored output instead of NaN.
+_MASK_VALUE = float(np.finfo(np.float32).min)
+
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture of a Llama decoder. Defaults are transformers' `LlamaConfig` defaults.
+
+    `rope_scaling` is None (plain RoPE) or a tuple of `(key, value)` pairs of transformers'
+    `rope_parameters` (hashable so that the config can be a static module attribute), e.g.
+    `(('rope_type', 'llama3'), ('factor', 8.0), ('low_freq_factor', 1.0), ('high_freq_factor', 4.0),
+    ('original_max_position_embeddings', 8192))`.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.hidden_act != "silu":
+            raise NotImplementedError(f"Llama hidden_act={self.hidden_act!r}: only 'silu' (SwiGLU) is implemented")
+        rope_type = self.rope_type
+        if rope_type not in ("default", "linear", "llama3"):
+            raise NotImplementedError(
+                f"rope_scaling type {rope_type!r} is not implemented (supported: default, linear, llama3)"
+            )
+
+    @property
+    def rope_type(self) -> str:
+        scaling = dict(self.rope_scaling or ())
+        return scaling.get("rope_type", scaling.get("type", "default"))
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> "LlamaConfig":
+        """From a transformers `LlamaConfig` object (its defaults and legacy-key handling apply)."""
+        get = lambda name, default=None: getattr(hf_config, name, default)  # noqa: E731
+        rope = dict(get("rope_parameters") or {})
+        if not rope and get("rope_scaling"):
+            rope = dict(get("rope_scaling"))
+        theta = rope.pop("rope_theta", None) or get("rope_theta") or 10000.0
+        legacy_type = rope.pop("type", None)
+        rope_type = rope.setdefault("rope_type", legacy_type or "default")
+        if float(rope.pop("partial_rotary_factor", 1.0)) != 1.0:
+            raise NotImplementedError("partial_rotary_factor != 1 is not implemented for Llama")
+        if rope_type == "llama3":
+            rope.setdefault("original_max_position_embeddings", get("max_position_embeddings"))
+        scaling = None if rope_type == "default" else tuple(sorted((str(k), v) for k, v in rope.items()))
+        eos = get("eos_token_id")
+        return cls(
+            vocab_size=get("vocab_size"),
+            hidden_size=get("hidden_size"),
+            intermediate_size=get("intermediate_size"),
+            num_hidden_layers=get("num_hidden_layers"),
+            num_attention_heads=get("num_attention_heads"),
+            num_key_value_heads=get("num_key_value_heads"),
+            head_dim=get("head_dim"),
+            max_position_embeddings=get("max_position_embeddings"),
+            rms_norm_eps=float(get("rms_norm_eps")),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            attention_bias=bool(get("attention_bias", False)),
+            mlp_bias=bool(get("mlp_bias", False)),
+            hidden_act=get("hidden_act", "silu"),
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            bos_token_id=get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, (list, tuple)) else eos,
+            pad_token_id=get("pad_token_id"),
+        )
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies `float32[head_dim // 2]`, as transformers' `ROPE_INIT_FUNCTIONS` compute them."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (
+        np.float32(config.rope_theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim))
+    )
+    inv_freq = inv_freq.astype(np.float32)
+    scaling = dict(config.rope_scaling or ())
+    rope_type = config.rope_type
+    if rope_type == "linear":
+        inv_freq = inv_freq / np.float32(scaling["factor"])
+    elif rope_type == "llama3":
+        factor = scaling["factor"]
+        low_freq_factor = scaling["low_freq_factor"]
+        high_freq_factor = scaling["high_freq_factor"]
+        old_context_len = scaling["original_max_position_embeddings"]
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos, sin `float32[B, T, head_dim]` for `int32[B, T]` positions (the two halves repeat, HF layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates `x[B, T, H, Dh]` by (cos, sin) `[B, T, Dh]` with the rotate-half convention, in float32."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """`int32[B, T]` positions for (left-)padded rows: cumsum(mask) - 1, pads set to 1 (as transformers)."""
+    mask = attention_mask.astype(jnp.int32)
+    positions = jnp.cumsum(mask, axis=-1) - 1
+    return jnp.where(mask == 0, 1, positions).astype(jnp.int32)
+
+
+def grouped_query_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, scale: float | None = None
+) -> jax.Array:
+    """Softmax attention with `kv_heads <= heads` (GQA; plain multi-head when equal).
+
+    q: `[B, T, H, Dh]`; k, v: `[B, S, KVH, Dh]`; mask: bool `[B, T, S]` (True = may attend) or None.
+    Scores and softmax are float32 whatever the compute dtype. Returns `[B, T, H * Dh]` in q's dtype.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, q_len, heads * head_dim)
+
+
+# ------------------------------------------------------------------------------------------------ modules
+
+
+class RMSNorm(nnx.Module):
+    """`x / rms(x) * scale`, normalised in float32, then cast to the compute dtype before the scale (as HF)."""
+
+    def __init__(self, features: int, *, eps: float, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = layers.param(rngs, nnx.initializers.ones_init(), (features,), ("norm",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale.get_value().astype(self.dtype) * normed.astype(self.dtype)
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        kw = dict(rngs=rngs, use_bias=c.attention_bias, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = layers.linear(c.hidden_size, c.num_attention_heads * c.head_dim, ("embed", "heads"), **kw)
+        self.k_proj = layers.linear(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"), **kw)
+        self.v_proj = layers.linear(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"), **kw)
+        self.o_proj = layers.linear(c.num_attention_heads * c.head_dim, c.hidden_size, ("heads", "embed"), **kw)
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+        """x `[B, T, D]`; returns (`[B, T, D]`, updated `(k, v)` cache or None)."""
+        batch, length, _ = x.shape
+        q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+            kv_cache = (k_cache, v_cache)
+            k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+        out = grouped_query_attention(q, k, v, mask)
+        return self.o_proj(out), kv_cache
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        c = config
+        kw = dict(rngs=rngs, use_bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = layers.linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
+        self.up_proj = layers.linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
+        self.down_proj = layers.linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
+        self.self_attn = LlamaAttention(config, **kw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
+        self.mlp = LlamaMLP(config, **kw)
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+        attn, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_index)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv_cache
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Llama decoder with its output head. Parameter paths mirror transformers' names without the `model.`
+    level: `embed_tokens`, `layers/i/{self_attn,mlp,input_layernorm,post_attention_layernorm}`, `norm`,
+    `lm_head` (None when `tie_word_embeddings`: the token table is reused)."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.embed_tokens = layers.embed(config.vocab_size, config.hidden_size, ("vocab", "embed"), **kw)
+        self.layers = nnx.List([LlamaDecoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else layers.linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
+        )
+
+    # -- pieces -------------------------------------------------------------------------------------------
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings `[B, T, D]` in the compute dtype. Ids outside the table (image placeholders such as
+        LLaVA's -200) read row 0; callers overwrite those positions."""
+        ids = jnp.asarray(input_ids, jnp.int32)
+        ids = jnp.where((ids >= 0) & (ids < self.config.vocab_size), ids, 0)
+        return self.embed_tokens(ids).astype(self.dtype)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        """Zeroed KV cache: per layer `(k, v)`, each `[B, max_length, kv_heads, head_dim]`."""
+        c = self.config
+        shape = (batch_size, max_length, c.num_key_value_heads, c.head_dim)
+        dtype = dtype or self.dtype
+        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_hidden_layers))
+
+    def decode(
+        self,
+        inputs_embeds: jax.Array,
+        *,
+        positions: jax.Array,
+        kv_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Runs the decoder stack; returns (final-normed hidden states `[B, T, D]`, updated cache or None).
+
+        inputs_embeds `[B, T, D]`; positions `int32[B, T]` (RoPE positions).
+        Without a cache the keys are these T tokens and `kv_mask` (`[B, T]`, 1 = real token) masks padding.
+        With a cache (`init_cache`), the T new tokens are written at slots `cache_index ... cache_index+T-1` and
+        attend to every cache slot `s <= their own slot` with `kv_mask[b, s]` true (`kv_mask` is `[B, S]`, the
+        caller marks the slots it has filled).
+        """
+        batch, length, _ = inputs_embeds.shape
+        key_len = length if cache is None else cache[0][0].shape[1]
+        if kv_mask is None:
+            kv_mask = jnp.ones((batch, key_len), jnp.bool_)
+        query_slots = jnp.asarray(cache_index, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
+        causal = jnp.arange(key_len, dtype=jnp.int32)[None, :] <= query_slots[:, None]
+        mask = causal[None, :, :] & kv_mask.astype(jnp.bool_)[:, None, :]
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
+        x = inputs_embeds.astype(self.dtype)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            new_cache.append(kv)
+        return self.norm(x), (None if cache is None else tuple(new_cache))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """`float32[..., V]` logits from final hidden states (float32 accumulation whatever the dtype)."""
+        h = hidden.astype(self.dtype)
+        if self.lm_head is None:
+            table = self.embed_tokens.embedding.get_value().astype(self.dtype)
+            return jnp.einsum("...d,vd->...v", h, table, preferred_element_type=jnp.float32)
+        kernel = self.lm_head.kernel.get_value().astype(self.dtype)
+        return jnp.einsum("...d,dv->...v", h, kernel, preferred_element_type=jnp.float32)
+
+    # -- whole model --------------------------------------------------------------------------------------
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states `float32[B, T, D]`; positions from the mask (left padding friendly)."""
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        attention_mask = jnp.asarray(attention_mask)
+        hidden, _ = self.decode(
+            self.embed(input_ids), positions=positions_from_mask(attention_mask), kv_mask=attention_mask
+        )
+        return hidden.astype(jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """`float32[B, T, V]` logits, as transformers' `LlamaForCausalLM(input_ids, attention_mask).logits`."""
+        return self.logits(self.hidden_states(input_ids, attention_mask))
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """`float32[B, T]` log-softmax of `logits[B, T, V]` at `targets[B, T]` (float32 log-softmax)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def sample_logits(
+    logits: jax.Array, keys: jax.Array, *, temperature: jax.Array | float, top_p: jax.Array | float
+) -> jax.Array:
+    """Next tokens `int32[B]` from `float32[B, V]` logits: greedy when temperature <= 0, otherwise
+    softmax(logits / temperature) restricted to the top-p nucleus (transformers' TopPLogitsWarper rule: drop
+    tokens whose ascending cumulative probability is <= 1 - top_p, always keep the most likely one).
+    `keys` is one PRNG key per row, so a row's sample does not depend on the rest of the batch.
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+    sorted_logits = jnp.sort(scaled, axis=-1)  # ascending
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = cum <= (1.0 - top_p)
+    remove_sorted = remove_sorted.at[..., -1].set(False)
+    # Threshold form of the scatter-back: a token is removed iff its logit is below the smallest kept logit.
+    kept_min = jnp.min(jnp.where(remove_sorted, jnp.inf, sorted_logits), axis=-1, keepdims=True)
+    filtered = jnp.where((top_p < 1.0) & (scaled < kept_min), -jnp.inf, scaled)
+    sampled = jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys, filtered).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+def eos_array(eos: int | Sequence[int] | None) -> np.ndarray:
+    if eos is None:
+        return np.zeros((0,), np.int32)
+    return np.asarray([eos] if isinstance(eos, int) else list(eos), np.int32)
+
+
+def config_from_mapping(d: Mapping[str, Any]) -> LlamaConfig:
+    """LlamaConfig from a `config.json`-style dict, parsed by transformers' LlamaConfig (same defaults)."""
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    return LlamaConfig.from_hf(HFLlamaConfig.from_dict(dict(d)))

@@ -1,0 +1,166 @@
+"""CAIG's product handling around the background renderer (pure numpy / PIL / OpenCV, no JAX).
+
+The renderer never paints the product: it paints the *background* around an untouched product cut-out.
+This module holds the steps on either side of the diffusion loop, shared by the SD renderer
+(`caig_jax.render`) and the synthetic marketplace (`caig_jax.data.market`) so both place products alike:
+
+    rgba = load_product_image(path)                # uint8[H, W, 4], checked: readable, has a non-empty alpha
+    placed = place_product(rgba, size=512)         # crop to the alpha box, fit 0.78 of the canvas, centre
+    mask = inpaint_mask(placed[..., 3])            # 1 = paint: the inverted alpha, dilated with a 20x20 kernel
+    control = control_image(placed)                # Canny(100, 200) edges of the product alone, 3 channels
+    ... the renderer paints `image_rgb` where mask == 1 ...
+    ad = paste_product(image_rgb, placed)          # the original product pixels back, UNdilated alpha
+
+Facts (from CAIG's public code, see shared/DESIGN.md): 512x512 canvas; the product is cropped to its
+alpha bounding box, scaled (keeping its aspect ratio) so that its longer side is 0.78 of the canvas and
+centred; the inpainting mask is the inverted alpha dilated 20x20, so the painted region reaches slightly
+*into* the product's border (the seam is painted), and the product is pasted back with the undilated
+alpha, which covers that border again with the original pixels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class ProductImageError(ValueError):
+    """A product cut-out cannot be used (unreadable, no alpha channel, empty alpha). Names the file."""
+
+
+class MissingProductImageError(ProductImageError, FileNotFoundError):
+    """The product image file does not exist."""
+
+
+def load_product_image(path: str | os.PathLike) -> np.ndarray:
+    """Reads an RGBA product cut-out. Returns uint8[H, W, 4].
+
+    Raises `MissingProductImageError` (a FileNotFoundError) for a missing file and `ProductImageError`
+    (a ValueError) for an unreadable image, an image without an alpha channel (RGB, greyscale, or a
+    palette image without transparency) or an alpha channel that is zero everywhere. Every message names
+    the file.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise MissingProductImageError(f"product image {path!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+                im.mode == "P" and "transparency" in im.info
+            )
+            if not has_alpha:
+                raise ProductImageError(
+                    f"product image {path!r} has no alpha channel (mode {im.mode}); CAIG needs an RGBA cut-out "
+                    "whose alpha marks the product"
+                )
+            rgba = np.asarray(im.convert("RGBA"), dtype=np.uint8).copy()
+    except ProductImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ProductImageError(f"product image {path!r} cannot be read as an image: {e}") from e
+    if not np.any(rgba[..., 3]):
+        raise ProductImageError(f"product image {path!r} has an empty alpha channel (fully transparent)")
+    return rgba
+
+
+def _check_rgba(rgba: np.ndarray, name: str = "rgba") -> np.ndarray:
+    rgba = np.asarray(rgba)
+    if rgba.ndim != 3 or rgba.shape[-1] != 4:
+        raise ValueError(f"{name} must be uint8[H, W, 4], got shape {rgba.shape}")
+    if rgba.dtype != np.uint8:
+        raise ValueError(f"{name} must be uint8, got {rgba.dtype}")
+    return rgba
+
+
+def alpha_box(alpha: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the non-zero alpha region, bottom/right exclusive."""
+    rows = np.flatnonzero(np.any(alpha > 0, axis=1))
+    cols = np.flatnonzero(np.any(alpha > 0, axis=0))
+    if rows.size == 0:
+        raise ValueError("alpha channel is empty: nothing to crop to")
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def crop_to_alpha(rgba: np.ndarray) -> np.ndarray:
+    """Crops uint8[H, W, 4] to the bounding box of its non-zero alpha. Returns uint8[h, w, 4]."""
+    rgba = _check_rgba(rgba)
+    top, bottom, left, right = alpha_box(rgba[..., 3])
+    return rgba[top:bottom, left:right].copy()
+
+
+def _resize_rgba(rgba: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resizes RGBA with premultiplied colour, so transparent pixels' colours do not bleed into the edge."""
+    h, w = rgba.shape[:2]
+    interp = cv2.INTER_AREA if (width < w and height < h) else cv2.INTER_CUBIC
+    alpha = rgba[..., 3:].astype(np.float32) / 255.0
+    premult = np.concatenate([rgba[..., :3].astype(np.float32) * alpha, alpha * 255.0], axis=-1)
+    out = cv2.resize(premult, (width, height), interpolation=interp)
+    out = np.clip(out, 0.0, 255.0)
+    a = out[..., 3:] / 255.0
+    rgb = np.where(a > 1e-6, out[..., :3] / np.maximum(a, 1e-6), 0.0)
+    return np.concatenate([np.clip(rgb, 0, 255), out[..., 3:]], axis=-1).round().astype(np.uint8)
+
+
+def place_product(rgba: np.ndarray, size: int = 512, fill: float = 0.78) -> np.ndarray:
+    """Crops to the alpha box, scales the product so its longer side is `fill * size` (aspect kept) and
+    centres it on a transparent `size x size` canvas. Returns uint8[size, size, 4]."""
+    if not 0.0 < fill <= 1.0:
+        raise ValueError(f"fill must be in (0, 1], got {fill}")
+    product = crop_to_alpha(rgba)
+    h, w = product.shape[:2]
+    scale = fill * size / max(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    product = _resize_rgba(product, new_w, new_h)
+    canvas = np.zeros((size, size, 4), np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = product
+    return canvas
+
+
+def inpaint_mask(placed_alpha: np.ndarray, dilate: int = 20) -> np.ndarray:
+    """The region the renderer paints: float32[H, W] in [0, 1], 1 = background to paint.
+
+    `placed_alpha` is uint8[H, W] (or a placed uint8[H, W, 4], whose alpha is used). The mask is the
+    inverted alpha (255 - alpha) dilated with a `dilate x dilate` kernel, as in CAIG, so it grows about
+    dilate/2 pixels into the product; `paste_product` restores those pixels afterwards.
+    """
+    alpha = np.asarray(placed_alpha)
+    if alpha.ndim == 3 and alpha.shape[-1] == 4:
+        alpha = alpha[..., 3]
+    if alpha.ndim != 2:
+        raise ValueError(f"placed_alpha must be uint8[H, W] or uint8[H, W, 4], got shape {alpha.shape}")
+    inverted = 255 - alpha.astype(np.uint8)
+    if dilate > 0:
+        inverted = cv2.dilate(inverted, np.ones((dilate, dilate), np.uint8))
+    return inverted.astype(np.float32) / 255.0
+
+
+def control_image(placed_rgba: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """ControlNet-canny conditioning: Canny(low, high) edges of the product alone (composited over black,
+    so the product's outline is an edge too), repeated to 3 channels. Returns uint8[H, W, 3] in {0, 255}."""
+    placed_rgba = _check_rgba(placed_rgba, "placed_rgba")
+    alpha = placed_rgba[..., 3:].astype(np.float32) / 255.0
+    product_only = (placed_rgba[..., :3].astype(np.float32) * alpha).round().astype(np.uint8)
+    edges = cv2.Canny(np.ascontiguousarray(product_only), low, high)
+    return np.repeat(edges[..., None], 3, axis=-1)
+
+
+def paste_product(image_rgb: np.ndarray, placed_rgba: np.ndarray) -> np.ndarray:
+    """Pastes the original product pixels over a rendered image with the *undilated* alpha.
+
+    image_rgb: uint8[H, W, 3] (or float in [0, 255]); placed_rgba: uint8[H, W, 4] from `place_product`.
+    Returns uint8[H, W, 3].
+    """
+    placed_rgba = _check_rgba(placed_rgba, "placed_rgba")
+    image_rgb = np.asarray(image_rgb)
+    if image_rgb.shape != placed_rgba.shape[:2] + (3,):
+        raise ValueError(
+            f"image_rgb has shape {image_rgb.shape}, expected {placed_rgba.shape[:2] + (3,)} to match placed_rgba"
+        )
+    alpha = placed_rgba[..., 3:].astype(np.float32) / 255.0
+    out = image_rgb.astype(np.float32) * (1.0 - alpha) + placed_rgba[..., :3].astype(np.float32) * alpha
+    return np.clip(out.round(), 0, 255).astype(np.uint8)

@@ -1,0 +1,1 @@
+"""Jobs that train (smoke, reward, sft, preference) on the generic trainer in `caig_jax.trainers.trainer`."""
