@@ -17,6 +17,8 @@ import ml_collections
 
 from caig_jax.trainers.trainer import default_train_config
 
+PRESETS = ("tiny", "large")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = arg or "tiny"

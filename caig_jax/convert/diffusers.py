@@ -251,3 +251,246 @@ def load_controlnet(folder, *, dtype=jnp.float32, mesh=None, param_dtype=None):
         lambda: ControlNetModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
         SafetensorsReader(folder), diffusers_key, mesh=mesh, what=f"ControlNet checkpoint {folder}",
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Original LDM (CompVis) single-file checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+LDM_UNET_PREFIX = "model.diffusion_model."
+LDM_VAE_PREFIXES = ("first_stage_model.", "vae.")
+LDM_TEXT_PREFIX = "cond_stage_model.transformer."
+
+# runwayml/stable-diffusion-v1-5 `unet/`, `vae/` and `text_encoder/` configs: single files carry no config.
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD15_VAE_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "architectures": ["CLIPTextModel"],
+    "model_type": "clip_text_model",
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+
+_LDM_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+_LDM_UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def _uniform_layers(config) -> int:
+    layers_per_block = config.layers_per_block
+    if isinstance(layers_per_block, tuple):
+        if len(set(layers_per_block)) != 1:
+            raise ValueError(f"the LDM layout needs one layers_per_block for all blocks, got {layers_per_block}")
+        layers_per_block = layers_per_block[0]
+    return int(layers_per_block)
+
+
+def ldm_unet_key(key: str, config) -> str:
+    """diffusers UNet key -> original LDM key (without the `model.diffusion_model.` prefix).
+
+    The inverse of diffusers' `convert_ldm_unet_checkpoint`: input_blocks are numbered 1.. with
+    `layers_per_block + 1` slots per level (resnet `.0`, spatial transformer `.1`, downsampler `.0.op`),
+    middle_block is resnet / transformer / resnet, output_blocks have `layers_per_block + 1` slots per level
+    with the upsampler at `.1.conv` (no attention) or `.2.conv`.
+    """
+    per = _uniform_layers(config)
+    module, _, leaf = key.rpartition(".")
+    if module in _LDM_UNET_TOP:
+        return f"{_LDM_UNET_TOP[module]}.{leaf}"
+
+    def resnet(rest: str) -> str:
+        head, _, tail = rest.partition(".")
+        return f"{_LDM_RESNET.get(head, head)}.{tail}"
+
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)", key):
+        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        base = 1 + block * (per + 1)
+        if kind == "resnets":
+            return f"input_blocks.{base + layer}.0.{resnet(rest)}"
+        if kind == "attentions":
+            return f"input_blocks.{base + layer}.1.{rest}"
+        return f"input_blocks.{base + per}.0.op.{rest.removeprefix('conv.')}"
+    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        kind, index, rest = m[1], int(m[2]), m[3]
+        if kind == "resnets":
+            return f"middle_block.{2 * index}.{resnet(rest)}"
+        return f"middle_block.{2 * index + 1}.{rest}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.+)", key):
+        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        base = block * (per + 1)
+        if kind == "resnets":
+            return f"output_blocks.{base + layer}.0.{resnet(rest)}"
+        if kind == "attentions":
+            return f"output_blocks.{base + layer}.1.{rest}"
+        slot = 2 if config.up_block_types[block] == "CrossAttnUpBlock2D" else 1
+        return f"output_blocks.{base + per}.{slot}.{rest}"
+    raise KeyError(f"no LDM name for UNet parameter {key!r}")
+
+
+_LDM_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def ldm_vae_key(key: str, config) -> str:
+    """diffusers VAE key -> original LDM key (without the `first_stage_model.` prefix); inverse of
+    diffusers' `convert_ldm_vae_checkpoint` (decoder levels are numbered in reverse: up_blocks.i = up.{n-1-i})."""
+    n = len(config.block_out_channels)
+    if m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(\w+)", key):
+        return f"{m[1]}.norm_out.{m[2]}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)", key):
+        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)", key):
+        return f"decoder.up.{n - 1 - int(m[1])}.upsample.conv.{m[2]}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(\w+)", key):
+        return f"{m[1]}.mid.attn_1.{_LDM_VAE_ATTN[m[2]]}.{m[3]}"
+    return key  # conv_in / conv_out / quant_conv / post_quant_conv keep their names
+
+
+def clip_text_key(path: str) -> str:
+    """Our `CLIPTextModel` path ('encoder/layers/0/self_attn/q_proj/kernel') -> the transformers key without the
+    `text_model.` prefix (our CLIP text tower mirrors transformers' module names)."""
+    parts = path.split("/")
+    return ".".join(parts[:-1] + [_LEAF_NAMES.get(parts[-1], parts[-1])])
+
+
+def load_ldm_single_file(
+    path,
+    *,
+    dtype=jnp.float32,
+    mesh=None,
+    param_dtype=None,
+    unet_config=None,
+    vae_config=None,
+    text_encoder_config=None,
+    load_text_encoder: bool = True,
+) -> dict[str, Any]:
+    """Loads a single-file SD checkpoint in the original LDM (CompVis) key layout.
+
+    The file holds `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
+    `cond_stage_model.transformer.text_model.*` (CLIP-L text encoder) tensors, but no configs: the SD-1.5
+    configs (`SD15_UNET_CONFIG`, `SD15_VAE_CONFIG`, `SD15_TEXT_ENCODER_CONFIG`) are used unless given (as
+    diffusers `config.json` dicts). Other keys (`model_ema.*`, scheduler buffers such as `alphas_cumprod`) are
+    ignored: like diffusers, the non-EMA weights are loaded. Under a component's prefix, every key must be
+    consumed and every parameter present with the right shape, or a `CheckpointMismatchError` lists them.
+
+    Args:
+      path: the `.safetensors` file.
+      dtype / param_dtype / mesh: as `load_unet`.
+      load_text_encoder: False skips the text encoder (e.g. when a diffusers `text_encoder/` is used instead).
+
+    Returns:
+      `{"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel | None,
+        "configs": {"unet": UNet2DConditionConfig, "vae": AutoencoderKLConfig, "text_encoder": CLIPTextConfig}}`
+    """
+    from caig_jax.models.clip import CLIPTextConfig, CLIPTextModel
+    from caig_jax.render.unet import UNet2DConditionConfig, UNet2DConditionModel
+    from caig_jax.render.vae import AutoencoderKL, AutoencoderKLConfig
+
+    path = os.fspath(path)
+    if os.path.isdir(path) or not path.endswith(".safetensors"):
+        raise ValueError(f"{path!r}: expected a single-file .safetensors checkpoint in the LDM layout")
+    reader = SafetensorsReader(path)
+    keys = reader.keys()
+    if not any(k.startswith(LDM_UNET_PREFIX) for k in keys):
+        raise CheckpointMismatchError(
+            f"{path} is not an LDM Stable Diffusion checkpoint: no '{LDM_UNET_PREFIX}*' keys "
+            f"(first keys: {sorted(keys)[:8]})"
+        )
+    dtype, param_dtype = _dtypes(dtype, param_dtype)
+    kw = dict(rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+
+    unet_cfg = UNet2DConditionConfig.from_dict(SD15_UNET_CONFIG if unet_config is None else unet_config)
+    unet = load_module(
+        lambda: UNet2DConditionModel(unet_cfg, **kw), reader,
+        lambda p: LDM_UNET_PREFIX + ldm_unet_key(diffusers_key(p), unet_cfg),
+        mesh=mesh, what=f"{path} (UNet, {LDM_UNET_PREFIX}*)", consumed_prefixes=(LDM_UNET_PREFIX,),
+    )
+
+    vae_prefix = next((p for p in LDM_VAE_PREFIXES if any(k.startswith(p) for k in keys)), LDM_VAE_PREFIXES[0])
+    vae_cfg = AutoencoderKLConfig.from_dict(SD15_VAE_CONFIG if vae_config is None else vae_config)
+    vae = load_module(
+        lambda: AutoencoderKL(vae_cfg, **kw), reader, lambda p: vae_prefix + ldm_vae_key(diffusers_key(p), vae_cfg),
+        mesh=mesh, what=f"{path} (VAE, {vae_prefix}*)", consumed_prefixes=(vae_prefix,),
+    )
+
+    if isinstance(text_encoder_config, CLIPTextConfig):
+        text_cfg = text_encoder_config
+    else:
+        text_cfg = CLIPTextConfig.from_dict(dict(SD15_TEXT_ENCODER_CONFIG if text_encoder_config is None else text_encoder_config))
+    text_encoder = None
+    if load_text_encoder:
+        # transformers < 4.x era files lack the `text_model.` level.
+        text_prefix = LDM_TEXT_PREFIX + "text_model."
+        if not any(k.startswith(text_prefix) for k in keys):
+            text_prefix = LDM_TEXT_PREFIX
+        text_encoder = load_module(
+            lambda: CLIPTextModel(text_cfg, **kw), reader, lambda p: text_prefix + clip_text_key(p),
+            mesh=mesh, what=f"{path} (text encoder, {text_prefix}*)", consumed_prefixes=(LDM_TEXT_PREFIX,),
+            ignore=lambda k: k.endswith("embeddings.position_ids"),
+        )
+    other = [k for k in keys if not k.startswith((LDM_UNET_PREFIX, vae_prefix, LDM_TEXT_PREFIX))]
+    if other:
+        logging.info("%s: ignored %d keys outside the UNet/VAE/text encoder (e.g. %s)", path, len(other), other[:3])
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "configs": {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_cfg},
+    }

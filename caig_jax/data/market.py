@@ -408,3 +408,378 @@ def paint_background(prompt: str, size: int = 512, seed: int = 0) -> np.ndarray:
                   np.array(colour, np.float32), 0.55, size * 0.25)
     img = img + rng.normal(0.0, 0.004, img.shape).astype(np.float32)  # sensor-like grain, seed-dependent
     return np.clip(img * 255.0, 0, 255).round().astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Products
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Category:
+    name: str
+    noun: str
+    base_ctr: float  # CTR of an average-looking ad for this category
+    ideal: str  # the prompt whose painted look this category's shoppers like best
+    colours: tuple[str, ...]  # on-brief descriptors, used to sample creatives and to judge background match
+    materials: tuple[str, ...]
+    scenes: tuple[str, ...]
+    lighting: tuple[str, ...]
+    patterns: tuple[str, ...]
+    product_colours: tuple[str, ...]  # colours the product itself comes in
+    product_materials: tuple[str, ...]
+    adjectives: tuple[str, ...]
+    aspect: float  # product height / width before jitter
+
+
+CATEGORIES: dict[str, Category] = {
+    c.name: c
+    for c in (
+        Category("water_bottle", "water bottle", 0.030, "pastel blue beach, bright daylight",
+                 ("pastel blue", "mint", "teal", "white"), ("sand",), ("beach", "garden"),
+                 ("bright daylight", "cool lighting"), ("gradient",),
+                 ("teal", "blue", "red", "black", "white", "green"), ("stainless steel", "tritan plastic"),
+                 ("insulated", "leak-proof", "sports"), 3.0),
+        Category("sneaker", "sneaker", 0.028, "grey concrete city street, cool lighting",
+                 ("grey", "charcoal", "white"), ("concrete", "stone"), ("city street",),
+                 ("cool lighting", "dramatic lighting"), ("stripes",),
+                 ("white", "red", "black", "blue", "orange"), ("mesh", "leather", "suede"),
+                 ("running", "lightweight", "retro"), 0.5),
+        Category("smartphone", "smartphone", 0.022, "black studio backdrop, brushed metal, dramatic lighting",
+                 ("black", "charcoal", "navy"), ("brushed metal",), ("studio backdrop", "office desk"),
+                 ("dramatic lighting", "studio lighting", "cool lighting"), ("minimalist",),
+                 ("black", "white", "blue", "gold", "purple"), ("aluminium", "glass"),
+                 ("5G", "dual-camera", "slim"), 2.0),
+        Category("coffee_mug", "coffee mug", 0.034, "wooden kitchen counter, warm lighting",
+                 ("cream", "brown", "beige"), ("wooden", "marble"), ("kitchen counter", "cafe"),
+                 ("warm lighting", "golden hour", "soft lighting"), ("bokeh",),
+                 ("white", "red", "yellow", "teal", "black"), ("ceramic", "stoneware"),
+                 ("handmade", "large", "glazed"), 0.85),
+        Category("t_shirt", "t-shirt", 0.026, "cream linen bedroom, soft lighting",
+                 ("cream", "white", "beige"), ("linen", "paper"), ("bedroom", "living room"),
+                 ("soft lighting", "bright daylight"), ("plain",),
+                 ("white", "black", "red", "navy", "green", "yellow"), ("cotton", "organic cotton"),
+                 ("oversized", "classic", "crew-neck"), 0.95),
+        Category("wristwatch", "wristwatch", 0.020, "navy velvet studio backdrop, dramatic lighting",
+                 ("navy", "black", "gold"), ("velvet", "leather"), ("studio backdrop",),
+                 ("dramatic lighting", "dim light"), ("minimalist",),
+                 ("gold", "white", "black", "brown"), ("stainless steel", "leather strap"),
+                 ("automatic", "chronograph", "classic"), 2.2),
+        Category("lipstick", "lipstick", 0.036, "pastel pink studio backdrop, soft lighting",
+                 ("pastel pink", "pink", "lavender", "white"), ("marble", "paper"),
+                 ("studio backdrop", "bathroom shelf"), ("soft lighting", "studio lighting"), ("bokeh", "polka dots"),
+                 ("red", "pink", "purple", "orange"), ("matte", "satin"),
+                 ("long-lasting", "velvet matte", "hydrating"), 3.4),
+        Category("potted_plant", "potted plant", 0.032, "green garden, bright daylight",
+                 ("green", "mint", "olive"), ("stone", "wooden"), ("garden", "forest"),
+                 ("bright daylight", "soft lighting"), ("plain",),
+                 ("white", "orange", "grey", "blue"), ("terracotta", "ceramic"),
+                 ("indoor", "low-maintenance", "air-purifying"), 1.3),
+        Category("handbag", "handbag", 0.024, "gold leather living room, golden hour",
+                 ("gold", "beige", "brown"), ("leather", "velvet"), ("living room", "city street"),
+                 ("golden hour", "warm lighting"), ("gradient",),
+                 ("black", "brown", "red", "beige", "white"), ("leather", "canvas"),
+                 ("designer", "everyday", "quilted"), 0.85),
+        Category("headphones", "headphones", 0.027, "purple night sky, neon glow",
+                 ("purple", "navy", "black"), ("brushed metal",), ("night sky", "city street"),
+                 ("neon glow", "dramatic lighting"), ("bokeh",),
+                 ("black", "white", "red", "blue"), ("plastic", "aluminium"),
+                 ("wireless", "noise-cancelling", "over-ear"), 1.0),
+    )
+}
+
+BRANDS = ("Aurora", "Nimbus", "Kestrel", "Lumen", "Orbit", "Verde", "Solace", "Ember", "Tidal", "Quill")
+
+
+class _Canvas:
+    """Draws shaded flat shapes into colour + alpha layers, in unit coordinates (0..1) of a square."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.rgb = np.zeros((size, size, 3), np.float32)
+        self.alpha = np.zeros((size, size), np.float32)
+
+    def _px(self, pts) -> np.ndarray:
+        return (np.asarray(pts, np.float32) * self.size).round().astype(np.int32)
+
+    def _blend(self, mask: np.ndarray, colour, shade: float) -> None:
+        m = mask.astype(np.float32) / 255.0
+        if not m.any():
+            return
+        colour = _rgb(colour)
+        ys, xs = np.nonzero(m)
+        x0, x1 = xs.min(), xs.max() + 1
+        rel = (np.arange(self.size, dtype=np.float32) - x0) / max(x1 - x0, 1)
+        light = (1.0 - shade) + shade * (0.55 + 0.6 * np.sin(np.pi * np.clip(rel, 0, 1)) - 0.15 * rel)
+        layer = colour[None, None, :] * light[None, :, None]
+        self.rgb = self.rgb * (1 - m[..., None]) + layer * m[..., None]
+        self.alpha = np.maximum(self.alpha, m)
+
+    def poly(self, pts, colour, shade: float = 0.5) -> None:
+        mask = np.zeros((self.size, self.size), np.uint8)
+        cv2.fillPoly(mask, [self._px(pts)], 255)
+        self._blend(mask, colour, shade)
+
+    def ellipse(self, centre, axes, colour, angle: float = 0.0, shade: float = 0.5, thickness: int = -1) -> None:
+        mask = np.zeros((self.size, self.size), np.uint8)
+        c = tuple(int(v) for v in self._px(centre))
+        a = tuple(max(1, int(v)) for v in self._px(axes))
+        cv2.ellipse(mask, c, a, angle, 0, 360, 255, thickness if thickness < 0 else max(1, int(thickness * self.size / 100)))
+        self._blend(mask, colour, shade)
+
+    def rect(self, x0, y0, x1, y1, colour, shade: float = 0.5, radius: float = 0.0) -> None:
+        if radius <= 0:
+            self.poly([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], colour, shade)
+            return
+        mask = np.zeros((self.size, self.size), np.uint8)
+        r = int(radius * self.size)
+        p0, p1 = self._px((x0, y0)), self._px((x1, y1))
+        cv2.rectangle(mask, (int(p0[0]) + r, int(p0[1])), (int(p1[0]) - r, int(p1[1])), 255, -1)
+        cv2.rectangle(mask, (int(p0[0]), int(p0[1]) + r), (int(p1[0]), int(p1[1]) - r), 255, -1)
+        for cx, cy in ((p0[0] + r, p0[1] + r), (p1[0] - r, p0[1] + r), (p0[0] + r, p1[1] - r), (p1[0] - r, p1[1] - r)):
+            cv2.circle(mask, (int(cx), int(cy)), r, 255, -1)
+        self._blend(mask, colour, shade)
+
+    def line(self, pts, colour, width: float) -> None:
+        mask = np.zeros((self.size, self.size), np.uint8)
+        cv2.polylines(mask, [self._px(pts)], False, 255, max(1, int(width * self.size)))
+        self._blend(mask, colour, 0.0)
+
+    def rgba(self) -> np.ndarray:
+        out = np.concatenate([np.clip(self.rgb, 0, 1) * 255.0, self.alpha[..., None] * 255.0], axis=-1)
+        return out.round().astype(np.uint8)
+
+
+def _shade(c, k: float) -> tuple[int, int, int]:
+    return tuple(int(np.clip(v * k, 0, 255)) for v in c)
+
+
+def _draw_product(category: str, rng: np.random.Generator, size: int, colour, accent) -> np.ndarray:
+    """Draws one product of a category on a transparent square canvas (2x supersampled). uint8[S, S, 4]."""
+    cv_ = _Canvas(size * 2)
+    j = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
+    if category == "water_bottle":
+        w = j(0.22, 0.3)
+        cv_.rect(0.5 - w / 2, 0.22, 0.5 + w / 2, 0.92, colour, radius=0.06)
+        cv_.rect(0.5 - w / 3, 0.12, 0.5 + w / 3, 0.24, _shade(colour, 0.85), radius=0.02)
+        cv_.rect(0.5 - w / 3.2, 0.06, 0.5 + w / 3.2, 0.13, accent, radius=0.015)
+        cv_.rect(0.5 - w / 2, j(0.45, 0.55), 0.5 + w / 2, 0.66, accent, shade=0.4)
+    elif category == "sneaker":
+        top = j(0.3, 0.4)
+        cv_.poly([(0.08, 0.72), (0.14, top + 0.12), (0.42, top), (0.55, top + 0.14), (0.9, 0.56), (0.94, 0.72)], colour)
+        cv_.rect(0.06, 0.7, 0.95, 0.8, (240, 240, 236), shade=0.2, radius=0.03)
+        cv_.line([(0.3, 0.66), (0.5, 0.52), (0.78, 0.6)], accent, 0.035)
+        for k in range(4):
+            cv_.line([(0.4 + 0.04 * k, top + 0.06 + 0.03 * k), (0.46 + 0.04 * k, top + 0.1 + 0.03 * k)], (245, 245, 245), 0.01)
+    elif category == "smartphone":
+        w = j(0.36, 0.44)
+        cv_.rect(0.5 - w / 2, 0.06, 0.5 + w / 2, 0.94, (30, 30, 34), shade=0.3, radius=0.05)
+        cv_.rect(0.5 - w / 2 + 0.025, 0.1, 0.5 + w / 2 - 0.025, 0.9, colour, shade=0.2, radius=0.03)
+        cv_.poly([(0.5 - w / 2 + 0.025, 0.9), (0.5 + w / 2 - 0.025, 0.35), (0.5 + w / 2 - 0.025, 0.9)], accent, shade=0.2)
+        cv_.ellipse((0.5, 0.13), (0.015, 0.015), (10, 10, 10), shade=0.0)
+    elif category == "coffee_mug":
+        cv_.ellipse((0.76, 0.52), (0.14, j(0.16, 0.2)), colour, thickness=6, shade=0.3)
+        cv_.rect(0.18, 0.28, 0.72, 0.86, colour, radius=0.04)
+        cv_.ellipse((0.45, 0.28), (0.27, 0.05), _shade(colour, 0.7), shade=0.2)
+        cv_.rect(0.18, j(0.45, 0.55), 0.72, 0.62, accent, shade=0.4)
+    elif category == "t_shirt":
+        cv_.poly([(0.3, 0.12), (0.42, 0.16), (0.58, 0.16), (0.7, 0.12), (0.95, 0.3), (0.84, 0.45), (0.76, 0.4),
+                  (0.76, 0.92), (0.24, 0.92), (0.24, 0.4), (0.16, 0.45), (0.05, 0.3)], colour, shade=0.35)
+        cv_.ellipse((0.5, 0.16), (0.09, 0.05), _shade(colour, 0.65), shade=0.0)
+        if rng.random() < 0.7:
+            cv_.ellipse((0.5, 0.5), (j(0.08, 0.14), j(0.06, 0.12)), accent, shade=0.1)
+    elif category == "wristwatch":
+        strap = accent
+        cv_.rect(0.38, 0.02, 0.62, 0.35, strap, radius=0.03)
+        cv_.rect(0.38, 0.65, 0.62, 0.98, strap, radius=0.03)
+        cv_.ellipse((0.5, 0.5), (0.22, 0.22), colour, shade=0.4)
+        cv_.ellipse((0.5, 0.5), (0.18, 0.18), (236, 234, 226), shade=0.15)
+        a = j(0, 6.28)
+        cv_.line([(0.5, 0.5), (0.5 + 0.13 * math.cos(a), 0.5 + 0.13 * math.sin(a))], (20, 20, 20), 0.02)
+        cv_.line([(0.5, 0.5), (0.5, 0.38)], (20, 20, 20), 0.015)
+    elif category == "lipstick":
+        w = j(0.2, 0.26)
+        cv_.rect(0.5 - w / 2, 0.52, 0.5 + w / 2, 0.96, accent, radius=0.02)
+        cv_.rect(0.5 - w / 2.3, 0.36, 0.5 + w / 2.3, 0.54, (212, 172, 56), shade=0.6)
+        cv_.poly([(0.5 - w / 2.6, 0.37), (0.5 - w / 2.6, 0.12), (0.5 + w / 2.6, 0.04), (0.5 + w / 2.6, 0.37)], colour)
+    elif category == "potted_plant":
+        leaf = (50 + int(rng.integers(0, 40)), 130 + int(rng.integers(0, 50)), 50)
+        for _ in range(7):
+            cv_.ellipse((j(0.3, 0.7), j(0.15, 0.45)), (j(0.08, 0.14), j(0.04, 0.07)), leaf, angle=j(0, 180), shade=0.3)
+        cv_.poly([(0.25, 0.5), (0.75, 0.5), (0.68, 0.94), (0.32, 0.94)], colour, shade=0.5)
+        cv_.rect(0.22, 0.48, 0.78, 0.56, _shade(colour, 0.85), shade=0.3)
+    elif category == "handbag":
+        cv_.ellipse((0.5, 0.38), (j(0.18, 0.24), 0.2), accent, thickness=5, shade=0.2)
+        cv_.poly([(0.2, 0.38), (0.8, 0.38), (0.9, 0.9), (0.1, 0.9)], colour, shade=0.45)
+        cv_.rect(0.44, 0.46, 0.56, 0.54, (212, 172, 56), shade=0.4)
+    elif category == "headphones":
+        cv_.ellipse((0.5, 0.5), (0.34, 0.38), colour, thickness=7, shade=0.2)
+        cv_.rect(0.08, 0.5, 0.3, 0.85, colour, radius=0.06)
+        cv_.rect(0.7, 0.5, 0.92, 0.85, colour, radius=0.06)
+        cv_.rect(0.13, 0.55, 0.25, 0.8, accent, radius=0.04, shade=0.2)
+        cv_.rect(0.75, 0.55, 0.87, 0.8, accent, radius=0.04, shade=0.2)
+        # the band's lower half is hidden behind the ear cups
+        cv_.alpha[int(cv_.size * 0.62):, int(cv_.size * 0.3):int(cv_.size * 0.7)] = 0.0
+    else:
+        raise ValueError(f"unknown category {category!r}; known: {sorted(CATEGORIES)}")
+    rgba = cv_.rgba()
+    angle = float(rng.uniform(-8.0, 8.0))
+    m = cv2.getRotationMatrix2D((cv_.size / 2, cv_.size / 2), angle, 1.0)
+    rgba = cv2.warpAffine(rgba, m, (cv_.size, cv_.size), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0, 0))
+    return product_lib._resize_rgba(rgba, size, size)  # 2x supersampling = antialiased edges
+
+
+@dataclasses.dataclass(frozen=True)
+class Product:
+    id: str
+    category: str
+    title: str
+    attributes: dict[str, str]
+    seed: int
+
+
+def make_product(index: int, category: str, seed: int) -> Product:
+    """The title and attributes of product `index` (its image is drawn by `product_image`)."""
+    cat = CATEGORIES[category]
+    rng = np.random.default_rng([seed, index, 1])
+    colour = str(rng.choice(cat.product_colours))
+    material = str(rng.choice(cat.product_materials))
+    brand = str(rng.choice(BRANDS))
+    adjective = str(rng.choice(cat.adjectives))
+    price = f"{float(rng.uniform(8, 180)):.2f}"
+    title = f"{brand} {colour} {adjective} {material} {cat.noun}"
+    attributes = {"colour": colour, "material": material, "brand": brand, "price": price, "category": cat.noun}
+    return Product(f"item{index:05d}", category, title, attributes, seed)
+
+
+def product_image(product: Product, size: int) -> np.ndarray:
+    """The product's RGBA cut-out, uint8[size, size, 4] (deterministic in the product's index and seed)."""
+    index = int(product.id[len("item"):])
+    rng = np.random.default_rng([product.seed, index, 2])
+    colour = COLOURS.get(product.attributes["colour"], (128, 128, 128))
+    accent = COLOURS[str(rng.choice(["white", "black", "gold", "grey", "red", "teal", "yellow"]))]
+    return _draw_product(product.category, rng, size, colour, accent)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Composition and the hidden click model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def compose_ad(product_rgba: np.ndarray, prompt: str, size: int = 512, seed: int = 0) -> np.ndarray:
+    """The simulated renderer: place the product like CAIG (fit 0.78, centred), paint the prompt's
+    background, paste the product back with its undilated alpha. Returns uint8[size, size, 3]."""
+    placed = product_lib.place_product(product_rgba, size=size)
+    return product_lib.paste_product(paint_background(prompt, size, seed), placed)
+
+
+FEATURES = ("luma", "warmth", "green", "saturation", "texture")
+FEATURE_SCALES = np.array([0.16, 0.12, 0.10, 0.14, 0.035], np.float32)
+APPEAL_GAIN = 2.2  # log-odds between an ideal background (appeal 1) and a far-off one (appeal 0)
+POP_GAIN = 1.0  # log-odds per unit of product/background contrast
+CTR_RANGE = (0.003, 0.12)
+CLICK_MODEL_RES = 32  # the click model looks at the ad at this resolution
+_RING = 3  # pixels of the 32x32 image's border that are always background (0.78 fit leaves 3.5 px)
+
+
+def _ring_mask(res: int = CLICK_MODEL_RES, ring: int = _RING) -> np.ndarray:
+    m = np.zeros((res, res), bool)
+    m[:ring], m[-ring:], m[:, :ring], m[:, -ring:] = True, True, True, True
+    return m
+
+
+def image_features(image_rgb: np.ndarray) -> tuple[np.ndarray, float]:
+    """Background statistics (float32[5]: luma, warmth, green, saturation, texture) and product pop, from
+    the image area-downsampled to 32x32. See the module docstring."""
+    image_rgb = np.asarray(image_rgb)
+    if image_rgb.ndim != 3 or image_rgb.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image uint8[H, W, 3], got shape {image_rgb.shape}")
+    small = cv2.resize(image_rgb, (CLICK_MODEL_RES, CLICK_MODEL_RES), interpolation=cv2.INTER_AREA)
+    x = small.astype(np.float32) / 255.0
+    luma = x @ np.array([0.299, 0.587, 0.114], np.float32)
+    ring = _ring_mask()
+    r, g, b = x[..., 0][ring], x[..., 1][ring], x[..., 2][ring]
+    # Texture: neighbour differences between ring pixels only (the product never enters the statistic).
+    dx = np.abs(np.diff(luma, axis=1))[ring[:, 1:] & ring[:, :-1]]
+    dy = np.abs(np.diff(luma, axis=0))[ring[1:] & ring[:-1]]
+    feats = np.array([
+        luma[ring].mean(),
+        (r - b).mean(),
+        (g - (r + b) / 2).mean(),
+        (x.max(-1) - x.min(-1))[ring].mean(),
+        np.concatenate([dx, dy]).mean(),
+    ], np.float32)
+    c0, c1 = CLICK_MODEL_RES // 2 - 6, CLICK_MODEL_RES // 2 + 6
+    centre = x[c0:c1, c0:c1].reshape(-1, 3).mean(0)
+    pop = float(np.linalg.norm(centre - x[ring].mean(0)) / math.sqrt(3.0))
+    return feats, pop
+
+
+@functools.lru_cache(maxsize=None)
+def category_target(category: str) -> np.ndarray:
+    """The preferred background statistics of a category: its ideal prompt, painted with 4 fixed seeds."""
+    ideal = CATEGORIES[category].ideal
+    feats = [image_features(paint_background(ideal, 128, seed))[0] for seed in range(4)]
+    return np.mean(feats, axis=0)
+
+
+def appeal(image_rgb: np.ndarray, category: str) -> float:
+    """How close the ad's background looks to what the category's shoppers like, in (0, 1]."""
+    feats, _ = image_features(image_rgb)
+    z = (feats - category_target(category)) / FEATURE_SCALES
+    return float(np.exp(-0.5 * np.sum(z * z)))
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def true_ctr(composed_rgb_uint8: np.ndarray, category: str, item_offset: float = 0.0) -> float:
+    """The hidden ground-truth CTR of a composed ad for a product of `category` (see the module docstring).
+
+    `item_offset` is the product's own attractiveness in log-odds (the marketplace draws one per item;
+    it cancels when two ads of the same product are compared). Usable on any composed image, e.g. to
+    measure the CTR lift of generated backgrounds.
+    """
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; known: {sorted(CATEGORIES)}")
+    feats, pop = image_features(composed_rgb_uint8)
+    z = (feats - category_target(category)) / FEATURE_SCALES
+    a = math.exp(-0.5 * float(np.sum(z * z)))
+    logit = _logit(CATEGORIES[category].base_ctr) + item_offset + APPEAL_GAIN * (a - 0.5) + POP_GAIN * (pop - 0.25)
+    p = 1.0 / (1.0 + math.exp(-logit))
+    return float(np.clip(p, *CTR_RANGE))
+
+
+def background_match(prompt: str, category: str) -> float:
+    """Product-background match of a prompt: the fraction of its vocabulary descriptors that are on the
+    category's brief (its preferred colours, materials, scenes, lighting, patterns); 0 without any."""
+    cat = CATEGORIES[category]
+    on_brief = set(cat.colours + cat.materials + cat.scenes + cat.lighting + cat.patterns)
+    descriptors = parse_prompt(prompt).descriptors()
+    if not descriptors:
+        return 0.0
+    return sum(d in on_brief for d in descriptors) / len(descriptors)
+
+
+def sample_prompt(rng: np.random.Generator, category: str | None = None) -> str:
+    """A background prompt from the vocabulary: on the category's brief when `category` is given, else
+    from the whole vocabulary. Shape: "<colour> <material> <scene>, <lighting>, <pattern>" (parts optional)."""
+    cat = CATEGORIES[category] if category else None
+    pick = lambda own, everything: str(rng.choice(own if own else everything))  # noqa: E731
+    parts = []
+    head = []
+    if rng.random() < 0.75:
+        head.append(pick(cat.colours if cat else None, VOCABULARY["colour"]))
+    if rng.random() < 0.55:
+        head.append(pick(cat.materials if cat else None, VOCABULARY["material"]))
+    if rng.random() < 0.8:
+        head.append(pick(cat.scenes if cat else None, VOCABULARY["scene"]))
+    if not head:
+        head.append(pick(cat.colours if cat else None, VOCABULARY["colour"]))
+    parts.append(" ".join(head))
+    if rng.random() < 0.75:
+        parts.append(pick(cat.lighting if cat else None, VOCABULARY["lighting"]))
+    if rng.random() < 0.3:
+        parts.append(pick(cat.patterns if cat else None, VOCABULARY["pattern"]))
+    return ", ".join(parts)

@@ -1,0 +1,86 @@
+"""Shared helpers for the renderer parity tests: tiny random diffusers models, layout conversion, jitted calls."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import torch
+from flax import nnx
+
+# Parity tolerance of the issue: max|ours - ref| / max|ref| in float32. Never loosen it.
+TOL = 1e-4
+
+TINY_UNET = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),  # SD's quirk: the number of heads per block
+    norm_num_groups=8,
+)
+
+TINY_CONTROLNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),
+    norm_num_groups=8,
+    conditioning_embedding_out_channels=(8, 16),  # one stride-2 stage: control image at 2x the latent size
+)
+
+TINY_VAE = dict(
+    block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=4,
+    sample_size=32,
+)
+
+TINY_CLIP_TEXT = dict(
+    vocab_size=1000,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+
+
+def perturb(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Adds noise to every parameter: zero-initialised convs (ControlNet) and unit norms would otherwise hide
+    layout bugs (a zero kernel looks the same in any layout)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * std)
+    return model.eval()
+
+
+def nhwc(x) -> np.ndarray:
+    return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+def nchw(x) -> np.ndarray:
+    return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def jitted(module: nnx.Module):
+    """`module(*args, **kwargs)` as one jitted program over the split state (what the pipeline does)."""
+    graphdef, state = nnx.split(module)
+    fn = jax.jit(lambda state, *args, **kwargs: nnx.merge(graphdef, state)(*args, **kwargs))
+    return lambda *args, **kwargs: fn(state, *args, **kwargs)
