@@ -266,6 +266,9 @@ def maybe_initialize_distributed() -> bool:
     Returns True when it initialised.
     """
     env = os.environ
+    if env.get("CAIG_CPU_COLLECTIVES"):
+        # Multi-process CPU runs need a cross-process collectives backend (gloo ships with jaxlib).
+        jax.config.update("jax_cpu_collectives_implementation", env["CAIG_CPU_COLLECTIVES"])
     tpu_workers = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
     if env.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(
