@@ -15,6 +15,8 @@ Public API:
   load_clip_text_model(folder, *, dtype=jnp.float32, mesh=None, param_dtype=jnp.float32) -> CLIPTextModel
   load_clip_vision_model(folder, *, dtype=jnp.float32, mesh=None, param_dtype=jnp.float32) -> CLIPVisionModel
   torch_sources(reader, abstract_state, *, our_prefix, ckpt_prefix, rename=None) -> (sources, source_names)
+  sources_from_sections(reader, abstract_state, sections, *, our_root="") -> (sources, source_names)
+  load_with_sources(abstract_state, sources, source_names, reader, *, what, also_ignore=()) -> nnx.State
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def torch_sources(
     skip: Iterable[str] = (),
 ) -> tuple[dict[str, Callable[[], np.ndarray]], dict[str, str]]:
     """`({our_path: read-and-transform callable}, {our_path: checkpoint key})` for every parameter under
-    `our_prefix` (a '/'-path; '' = all), read from `ckpt_prefix + torch_key(rest)`.
+    `our_prefix` (a '/'-path; '' = all), read from `ckpt_prefix + torch_key(rest)`; a bare parameter whose
+    path equals `our_prefix` reads `ckpt_prefix` itself.
 
     A key absent from the checkpoint gets no source (so `load_state` reports it as missing, by our path).
     """
@@ -88,9 +91,14 @@ def torch_sources(
     prefix = our_prefix.rstrip("/") + "/" if our_prefix else ""
     skip = tuple(skip)
     for path in flat_paths(abstract_state):
-        if not path.startswith(prefix) or any(path.startswith(s) for s in skip):
+        if any(path.startswith(s) for s in skip):
             continue
-        key = ckpt_prefix + torch_key(path[len(prefix) :], rename)
+        if our_prefix and path == our_prefix.rstrip("/"):
+            key = ckpt_prefix  # a bare parameter (e.g. image_newline): ckpt_prefix is its full key
+        elif path.startswith(prefix):
+            key = ckpt_prefix + torch_key(path[len(prefix) :], rename)
+        else:
+            continue
         names[path] = key
         if key in reader:
             sources[path] = lambda key=key, path=path: torch_to_flax(path, reader.get(key))
@@ -117,6 +125,44 @@ def read_json(path: str) -> dict:
         raise ValueError(f"{path}: invalid JSON: {e}") from e
 
 
+def sources_from_sections(
+    reader: SafetensorsReader,
+    abstract_state,
+    sections: Iterable[tuple[str, str, Mapping[str, str] | None]],
+    *,
+    our_root: str = "",
+) -> tuple[dict[str, Callable[[], np.ndarray]], dict[str, str]]:
+    """`torch_sources` over several (our_prefix, ckpt_prefix, rename) sections; `our_root` ('backbone') places
+    them under a parent module's attribute (a model that nests this one)."""
+    root = our_root.rstrip("/") + "/" if our_root else ""
+    sources: dict = {}
+    names: dict = {}
+    for our_prefix, ckpt_prefix, rename in sections:
+        s, n = torch_sources(
+            reader, abstract_state, our_prefix=root + our_prefix, ckpt_prefix=ckpt_prefix, rename=rename
+        )
+        sources.update(s)
+        names.update(n)
+    return sources, names
+
+
+def load_with_sources(
+    abstract, sources, names, reader: SafetensorsReader, *, what: str, also_ignore: Iterable[str] = ()
+):
+    """`load_state` with the unexpected keys computed from what `sources` consume; missing parameters are also
+    named by the checkpoint key that was looked for."""
+    missing_named = {p: k for p, k in names.items() if p not in sources}
+    unexpected = unexpected_keys(reader, [names[p] for p in sources], also_ignore)
+    try:
+        return load_state(abstract, sources, unexpected=unexpected, what=what, source_names=names)
+    except CheckpointMismatchError as e:
+        if not missing_named:
+            raise
+        listed = "\n".join(f"    {k} (-> {p})" for p, k in list(missing_named.items())[:30])
+        more = f"\n    ... and {len(missing_named) - 30} more" if len(missing_named) > 30 else ""
+        raise CheckpointMismatchError(f"{e}\n  checkpoint keys looked for and not found:\n{listed}{more}") from None
+
+
 def load_module(
     make_module: Callable[[], nnx.Module],
     reader: SafetensorsReader,
@@ -126,36 +172,22 @@ def load_module(
     what: str,
     also_ignore: Iterable[str] = (),
 ) -> nnx.Module:
-    """Builds `make_module` abstractly on `mesh` and streams its parameters from `reader`.
+    """Builds `make_module` abstractly on `mesh` (None: first device) and streams its parameters from `reader`.
 
     sections: (our_prefix, ckpt_prefix, rename) triples covering the module's parameters.
+    also_ignore: checkpoint keys that are neither loaded nor unexpected.
     """
     mesh = mesh if mesh is not None else trivial_mesh()
     graphdef, abstract = parallel.abstract_with_shardings(make_module, mesh)
-    sources: dict = {}
-    names: dict = {}
-    for our_prefix, ckpt_prefix, rename in sections:
-        s, n = torch_sources(reader, abstract, our_prefix=our_prefix, ckpt_prefix=ckpt_prefix, rename=rename)
-        sources.update(s)
-        names.update(n)
-    # Name missing parameters by the checkpoint key we looked for.
-    missing_named = {p: k for p, k in names.items() if p not in sources}
-    unexpected = unexpected_keys(reader, [names[p] for p in sources], also_ignore)
-    try:
-        state = load_state(abstract, sources, unexpected=unexpected, what=what, source_names=names)
-    except CheckpointMismatchError as e:
-        if not missing_named:
-            raise
-        listed = "\n".join(f"    {k} (-> {p})" for p, k in list(missing_named.items())[:30])
-        more = f"\n    ... and {len(missing_named) - 30} more" if len(missing_named) > 30 else ""
-        raise CheckpointMismatchError(f"{e}\n  checkpoint keys looked for and not found:\n{listed}{more}") from None
+    sources, names = sources_from_sections(reader, abstract, sections)
+    state = load_with_sources(abstract, sources, names, reader, what=what, also_ignore=also_ignore)
     return nnx.merge(graphdef, state)
 
 
 # ------------------------------------------------------------------------------------------------ loaders
 
 
-def _detect_prefix(reader: SafetensorsReader, anchor: str, candidates: Iterable[str], what: str) -> str:
+def detect_prefix(reader: SafetensorsReader, anchor: str, candidates: Iterable[str], what: str) -> str:
     candidates = list(candidates)
     for prefix in candidates:
         if prefix + anchor in reader:
@@ -170,7 +202,7 @@ def load_clip_text_model(folder: str, *, dtype=jnp.float32, mesh=None, param_dty
     """A transformers `CLIPTextModel.save_pretrained` folder (e.g. SD-1.5's `text_encoder/`) -> CLIPTextModel."""
     config = CLIPTextConfig.from_dict(read_json(os.path.join(folder, "config.json")))
     reader = SafetensorsReader(folder)
-    prefix = _detect_prefix(reader, "embeddings.token_embedding.weight", ["text_model.", ""], folder)
+    prefix = detect_prefix(reader, "embeddings.token_embedding.weight", ["text_model.", ""], folder)
     return load_module(
         lambda: CLIPTextModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
         reader,
@@ -186,7 +218,7 @@ def load_clip_vision_model(
     """A transformers `CLIPVisionModel.save_pretrained` folder -> CLIPVisionModel."""
     config = CLIPVisionConfig.from_dict(read_json(os.path.join(folder, "config.json")))
     reader = SafetensorsReader(folder)
-    prefix = _detect_prefix(reader, "embeddings.patch_embedding.weight", ["vision_model.", ""], folder)
+    prefix = detect_prefix(reader, "embeddings.patch_embedding.weight", ["vision_model.", ""], folder)
     return load_module(
         lambda: CLIPVisionModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
         reader,

@@ -17,8 +17,6 @@ jit-friendly with a static `max_features` and a per-example `num_features`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np

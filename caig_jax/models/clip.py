@@ -176,9 +176,10 @@ class CLIPEncoderLayer(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.dtype = dtype
         self.self_attn = CLIPAttention(c.hidden_size, c.num_attention_heads, width_axis, **kw)
-        self.layer_norm1 = layers.layer_norm(c.hidden_size, epsilon=c.layer_norm_eps, rngs=rngs, param_dtype=param_dtype)
+        norm = dict(epsilon=c.layer_norm_eps, rngs=rngs, param_dtype=param_dtype)
+        self.layer_norm1 = layers.layer_norm(c.hidden_size, **norm)
         self.mlp = CLIPMLP(c.hidden_size, c.intermediate_size, c.hidden_act, width_axis, **kw)
-        self.layer_norm2 = layers.layer_norm(c.hidden_size, epsilon=c.layer_norm_eps, rngs=rngs, param_dtype=param_dtype)
+        self.layer_norm2 = layers.layer_norm(c.hidden_size, **norm)
 
     def __call__(self, x, mask=None):
         x = x + self.self_attn(self.layer_norm1(x).astype(self.dtype), mask)
@@ -270,9 +271,10 @@ class CLIPVisionModel(nnx.Module):
         self.dtype = dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.embeddings = CLIPVisionEmbeddings(c, **kw)
-        self.pre_layrnorm = layers.layer_norm(c.hidden_size, epsilon=c.layer_norm_eps, rngs=rngs, param_dtype=param_dtype)
+        norm = dict(epsilon=c.layer_norm_eps, rngs=rngs, param_dtype=param_dtype)
+        self.pre_layrnorm = layers.layer_norm(c.hidden_size, **norm)
         self.encoder = CLIPEncoder(c, "vision_embed", **kw)
-        self.post_layernorm = layers.layer_norm(c.hidden_size, epsilon=c.layer_norm_eps, rngs=rngs, param_dtype=param_dtype)
+        self.post_layernorm = layers.layer_norm(c.hidden_size, **norm)
 
     def __call__(self, pixel_values: jax.Array, *, output_hidden_states: bool = False) -> CLIPVisionOutput:
         """As `CLIPVisionModel(pixel_values)`: last_hidden_state `[N, 1+P, D]`, pooler_output `[N, D]`
@@ -362,6 +364,5 @@ class CLIPTextModel(nnx.Module):
         else:
             pool_index = jnp.argmax((input_ids == eos).astype(jnp.int32), axis=-1)
         pooled = jnp.take_along_axis(last, pool_index[:, None, None], axis=1)[:, 0]
-        return CLIPTextOutput(
-            last.astype(jnp.float32), pooled.astype(jnp.float32), None if hidden_states is None else tuple(hidden_states)
-        )
+        hidden_states = None if hidden_states is None else tuple(hidden_states)
+        return CLIPTextOutput(last.astype(jnp.float32), pooled.astype(jnp.float32), hidden_states)

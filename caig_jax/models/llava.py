@@ -17,7 +17,7 @@ Public API (stable; external checks call it):
       log p(input_ids[:, t] | input_ids[:, :t], image) at index t (0 at t = 0); `sequence_logprob` sums them
       over a response mask (DPO / PCPO).
   generate(model, input_ids, pixel_values, image_sizes=None, attention_mask=None, *, max_new_tokens,
-           temperature=0.0, top_p=1.0, seed=0) -> int32[B, max_new_tokens]
+           temperature=0.0, top_p=1.0, seed=0, eos_token_ids=None, pad_token_id=None) -> int32[B, max_new_tokens]
   llava_next_vicuna_7b() -> LlavaConfig   (llava-hf/llava-v1.6-vicuna-7b-hf's architecture)
 
 Inputs are numpy or jax arrays; image tokens are already expanded in `input_ids` (one per feature, as the
@@ -101,7 +101,8 @@ class LlavaConfig:
         )
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(
-                f"vision_feature_select_strategy must be 'default' or 'full', got {self.vision_feature_select_strategy!r}"
+                "vision_feature_select_strategy must be 'default' or 'full', got "
+                f"{self.vision_feature_select_strategy!r}"
             )
         if self.anyres and self.vision_feature_select_strategy != "default":
             raise NotImplementedError(
@@ -153,10 +154,9 @@ class LlavaConfig:
         """From a transformers `LlavaConfig` / `LlavaNextConfig` object (defaults already applied)."""
         anyres = getattr(hf_config, "model_type", "") == "llava_next"
         text = LlamaConfig.from_hf(hf_config.text_config)
-        tie = bool(getattr(hf_config, "tie_word_embeddings", False))
-        if text.tie_word_embeddings != tie:
-            text = dataclasses.replace(text, tie_word_embeddings=tie or text.tie_word_embeddings)
-        eos, pad = _eos_and_pad(text, hf_config, generation_config)
+        # transformers ties the head by the top-level flag (LlavaConfig copies the text config's flag up).
+        text = dataclasses.replace(text, tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)))
+        eos, pad = eos_and_pad_ids(text, hf_config, generation_config)
         layer = hf_config.vision_feature_layer
         return cls(
             text_config=text,
@@ -173,7 +173,7 @@ class LlavaConfig:
         )
 
 
-def _eos_and_pad(text: LlamaConfig, top_config: Any, generation_config: dict | None) -> tuple[tuple[int, ...], int]:
+def eos_and_pad_ids(text: LlamaConfig, top_config: Any, generation_config: dict | None) -> tuple[tuple[int, ...], int]:
     """EOS ids and the pad id generate() writes after EOS: generation_config.json first, then the configs; with
     no pad id anywhere, the first EOS id (what transformers' generate falls back to)."""
     gen = generation_config or {}
@@ -397,7 +397,9 @@ class LlavaModel(nnx.Module):
         if num_images == ids.shape[0]:
             bad = np.nonzero(counts != num_features)[0]
             if bad.size:
-                rows = ", ".join(f"row {int(b)}: {int(counts[b])} tokens vs {int(num_features[b])} features" for b in bad[:8])
+                rows = ", ".join(
+                    f"row {int(b)}: {int(counts[b])} tokens vs {int(num_features[b])} features" for b in bad[:8]
+                )
                 raise ValueError(
                     f"image tokens (id {c.image_token_id}) in input_ids do not match the image features: {rows}. "
                     "Expand each image placeholder to the image's feature count (see LlavaConfig.num_image_features)."
@@ -431,7 +433,8 @@ class LlavaModel(nnx.Module):
         return _jitted_method(graphdef, state, method, input_ids, pixel_values, attention_mask, image_layout)
 
     def _logits_impl(self, input_ids, pixel_values, image_sizes, attention_mask, image_layout):
-        return self.language_model.logits(self._hidden(input_ids, pixel_values, image_sizes, attention_mask, image_layout))
+        hidden = self._hidden(input_ids, pixel_values, image_sizes, attention_mask, image_layout)
+        return self.language_model.logits(hidden)
 
     def _hidden_impl(self, input_ids, pixel_values, image_sizes, attention_mask, image_layout):
         return self._hidden(input_ids, pixel_values, image_sizes, attention_mask, image_layout).astype(jnp.float32)
@@ -462,7 +465,14 @@ def _jitted_method(graphdef, state, method, input_ids, pixel_values, attention_m
 
 
 def sequence_logprob(
-    model: LlavaModel, input_ids, pixel_values, image_sizes=None, attention_mask=None, *, response_mask, image_layout=None
+    model: LlavaModel,
+    input_ids,
+    pixel_values,
+    image_sizes=None,
+    attention_mask=None,
+    *,
+    response_mask,
+    image_layout=None,
 ) -> jax.Array:
     """`float32[B]`: sum of log p(token) over the tokens where `response_mask[B, T]` is 1 (the response y in
     log pi(y | x) for DPO / PCPO). Mask the response tokens only, not the prompt or padding."""
@@ -492,6 +502,8 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    eos_token_ids: Sequence[int] | None = None,
+    pad_token_id: int | None = None,
 ) -> jax.Array:
     """Samples `max_new_tokens` tokens after each (left-padded) prompt: `int32[B, max_new_tokens]`.
 
@@ -499,10 +511,12 @@ def generate(
     EOS) over a KV cache preallocated to `T + max_new_tokens`. temperature 0 is greedy (transformers'
     `do_sample=False`); otherwise softmax(logits / temperature) within the top-p nucleus, with one PRNG stream
     per example (`fold_in(key(seed), example_index)`, then the step), so a row's sample depends only on the
-    seed, its index and its inputs. After a row's EOS (`config.eos_token_ids`) the rest is `config.pad_token_id`.
+    seed, its index and its inputs. After a row's EOS (`config.eos_token_ids`, or `eos_token_ids` if given) the
+    rest is `config.pad_token_id` (or `pad_token_id`); overriding them does not recompile.
     The batch is padded to a multiple of the mesh's ('data', 'fsdp') size and sharded over it; new batches of
     the same shapes reuse the compiled program. Prompts must be left-padded (`attention_mask[:, -1] == 1`);
-    pixel_values holds one image per prompt (or None).
+    pixel_values holds one image per prompt (or None). On multi-process runs (pods) every process passes its own
+    prompts and gets its own rows back (untested here: this machine has one process).
     """
     c = model.config
     ids = np.asarray(input_ids, np.int32)
@@ -528,35 +542,53 @@ def generate(
         inputs["pv"] = pv.astype(np.float32)
     if layout is not None:
         inputs["layout"] = layout
+    processes = jax.process_count()
     if mesh is not None:
-        inputs, _ = parallel.pad_to_multiple(inputs, parallel.num_batch_shards(mesh))
-        if jax.process_count() == 1:
+        shards = parallel.num_batch_shards(mesh)
+        # Multi-process: each process passes its own prompts; it pads them to its share of the batch shards.
+        local_multiple = shards // processes if processes > 1 and shards % processes == 0 else shards
+        inputs, _ = parallel.pad_to_multiple(inputs, local_multiple)
+        local_padded = inputs["ids"].shape[0]
+        if processes == 1:
             inputs = {k: jax.device_put(v, parallel.batch_sharding(mesh, v.ndim)) for k, v in inputs.items()}
         else:
+            # Global example indices keep the per-example RNG streams distinct across processes.
+            inputs["index"] = inputs["index"] + np.int32(jax.process_index() * local_padded)
             inputs = parallel.global_batch(mesh, inputs)
+    eos = list(c.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    # Fixed-length EOS table (-1 never matches a token) so that a different EOS list reuses the program.
+    eos = np.asarray(eos + [-1] * max(0, 4 - len(eos)), np.int32)
+    pad = np.int32(c.pad_token_id if pad_token_id is None else pad_token_id)
     out = _generate_jit(
         graphdef,
         state,
         inputs,
+        eos,
+        pad,
         jnp.float32(temperature),
         jnp.float32(top_p),
         jnp.uint32(seed),
         max_new_tokens=int(max_new_tokens),
         mesh=mesh,
     )
+    if mesh is not None and processes > 1:
+        from jax.experimental import multihost_utils
+
+        # Rows are laid out process by process (make_array_from_process_local_data); return this process's.
+        full = multihost_utils.process_allgather(out, tiled=True)
+        start = jax.process_index() * local_padded
+        return jnp.asarray(full[start : start + batch])
     return out[:batch]
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "mesh"))
-def _generate_jit(graphdef, state, inputs, temperature, top_p, seed, *, max_new_tokens: int, mesh):
+def _generate_jit(graphdef, state, inputs, eos, pad, temperature, top_p, seed, *, max_new_tokens: int, mesh):
     model = nnx.merge(graphdef, state)
     c = model.config
     lm = model.language_model
     ids, mask, index = inputs["ids"], inputs["mask"], inputs["index"]
     batch, length = ids.shape
     total = length + max_new_tokens
-    eos = jnp.asarray(c.eos_token_ids or (-1,), jnp.int32)
-    pad = jnp.int32(c.pad_token_id)
 
     def constrain(x, spec):
         if mesh is None:

@@ -104,7 +104,7 @@ def from_pretrained(
     config, layout = convert_llava.read_llava_config(path)
     reader = SafetensorsReader(path)
     what = f"reward model {path} ({layout} layout)"
-    sections, lm_head = convert_llava._sections(reader, config, layout, what)  # noqa: SLF001
+    sections, lm_head = convert_llava.llava_sections(reader, config, layout, what)
     sections = [(f"backbone/{ours}" if ours else "backbone", ckpt, rename) for ours, ckpt, rename in sections]
     missing_heads = [name for name, prefix in HEAD_KEYS.items() if prefix + "weight" not in reader]
     if len(missing_heads) == 1 or (missing_heads and not init_missing_heads):
