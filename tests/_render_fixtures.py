@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import numpy as np
 import torch
@@ -80,7 +82,47 @@ def rel_err(ours, ref) -> float:
 
 
 def jitted(module: nnx.Module):
-    """`module(*args, **kwargs)` as one jitted program over the split state (what the pipeline does)."""
+    """`module(*args, **kwargs)` as one jitted program over the split state (what the pipeline does).
+
+    Keep the returned callable to reuse its compilations; `params=` runs another module of the same structure
+    (e.g. the same UNet loaded from another checkpoint) through the same compiled program.
+    """
     graphdef, state = nnx.split(module)
     fn = jax.jit(lambda state, *args, **kwargs: nnx.merge(graphdef, state)(*args, **kwargs))
-    return lambda *args, **kwargs: fn(state, *args, **kwargs)
+
+    def call(*args, params=None, **kwargs):
+        return fn(state if params is None else params, *args, **kwargs)
+
+    return call
+
+
+class Loaded(NamedTuple):
+    ref: Any  # the PyTorch diffusers model
+    ours: Any  # ours, loaded from `folder`
+    folder: str
+    apply: Any  # jitted(ours)
+
+
+_CACHE: dict[tuple[str, int], Loaded] = {}
+
+
+def tiny_unet(tmp_path_factory) -> Loaded:
+    """The tiny random UNet, saved with save_pretrained and loaded through `load_unet`.
+
+    Cached per pytest session (keyed on its `tmp_path_factory`), so the test modules share the model and its
+    compiled programs: a fixture in a test module (not conftest) would be built once per module.
+    """
+    from diffusers import UNet2DConditionModel
+
+    from caig_jax.convert.diffusers import load_unet
+
+    cache_key = ("unet", id(tmp_path_factory))
+    if cache_key in _CACHE:
+        return _CACHE[cache_key]
+    torch.manual_seed(0)
+    ref = perturb(UNet2DConditionModel(**TINY_UNET), seed=1)
+    folder = tmp_path_factory.mktemp("unet")
+    ref.save_pretrained(folder)
+    ours = load_unet(folder)
+    _CACHE[cache_key] = Loaded(ref, ours, str(folder), jitted(ours))
+    return _CACHE[cache_key]

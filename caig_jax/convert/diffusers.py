@@ -25,10 +25,9 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -398,16 +397,10 @@ def ldm_vae_key(key: str, config) -> str:
         return f"decoder.up.{n - 1 - int(m[1])}.upsample.conv.{m[2]}"
     if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
         return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(\w+)", key):
+    attn = r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(\w+)"
+    if m := re.fullmatch(attn, key):
         return f"{m[1]}.mid.attn_1.{_LDM_VAE_ATTN[m[2]]}.{m[3]}"
     return key  # conv_in / conv_out / quant_conv / post_quant_conv keep their names
-
-
-def clip_text_key(path: str) -> str:
-    """Our `CLIPTextModel` path ('encoder/layers/0/self_attn/q_proj/kernel') -> the transformers key without the
-    `text_model.` prefix (our CLIP text tower mirrors transformers' module names)."""
-    parts = path.split("/")
-    return ".".join(parts[:-1] + [_LEAF_NAMES.get(parts[-1], parts[-1])])
 
 
 def load_ldm_single_file(
@@ -426,7 +419,7 @@ def load_ldm_single_file(
     The file holds `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
     `cond_stage_model.transformer.text_model.*` (CLIP-L text encoder) tensors, but no configs: the SD-1.5
     configs (`SD15_UNET_CONFIG`, `SD15_VAE_CONFIG`, `SD15_TEXT_ENCODER_CONFIG`) are used unless given (as
-    diffusers `config.json` dicts). Other keys (`model_ema.*`, scheduler buffers such as `alphas_cumprod`) are
+    diffusers / transformers `config.json` dicts or our config dataclasses). Other keys (`model_ema.*`, scheduler buffers such as `alphas_cumprod`) are
     ignored: like diffusers, the non-EMA weights are loaded. Under a component's prefix, every key must be
     consumed and every parameter present with the right shape, or a `CheckpointMismatchError` lists them.
 
@@ -439,6 +432,7 @@ def load_ldm_single_file(
       `{"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel | None,
         "configs": {"unet": UNet2DConditionConfig, "vae": AutoencoderKLConfig, "text_encoder": CLIPTextConfig}}`
     """
+    from caig_jax.convert.clip import is_ignored_key, torch_key
     from caig_jax.models.clip import CLIPTextConfig, CLIPTextModel
     from caig_jax.render.unet import UNet2DConditionConfig, UNet2DConditionModel
     from caig_jax.render.vae import AutoencoderKL, AutoencoderKLConfig
@@ -454,11 +448,11 @@ def load_ldm_single_file(
             f"(first keys: {sorted(keys)[:8]})"
         )
     dtype, param_dtype = _dtypes(dtype, param_dtype)
-    kw = dict(rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype)  # rngs are made inside each (abstract) constructor
 
     unet_cfg = UNet2DConditionConfig.from_dict(SD15_UNET_CONFIG if unet_config is None else unet_config)
     unet = load_module(
-        lambda: UNet2DConditionModel(unet_cfg, **kw), reader,
+        lambda: UNet2DConditionModel(unet_cfg, rngs=nnx.Rngs(0), **kw), reader,
         lambda p: LDM_UNET_PREFIX + ldm_unet_key(diffusers_key(p), unet_cfg),
         mesh=mesh, what=f"{path} (UNet, {LDM_UNET_PREFIX}*)", consumed_prefixes=(LDM_UNET_PREFIX,),
     )
@@ -466,24 +460,27 @@ def load_ldm_single_file(
     vae_prefix = next((p for p in LDM_VAE_PREFIXES if any(k.startswith(p) for k in keys)), LDM_VAE_PREFIXES[0])
     vae_cfg = AutoencoderKLConfig.from_dict(SD15_VAE_CONFIG if vae_config is None else vae_config)
     vae = load_module(
-        lambda: AutoencoderKL(vae_cfg, **kw), reader, lambda p: vae_prefix + ldm_vae_key(diffusers_key(p), vae_cfg),
+        lambda: AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0), **kw), reader,
+        lambda p: vae_prefix + ldm_vae_key(diffusers_key(p), vae_cfg),
         mesh=mesh, what=f"{path} (VAE, {vae_prefix}*)", consumed_prefixes=(vae_prefix,),
     )
 
     if isinstance(text_encoder_config, CLIPTextConfig):
         text_cfg = text_encoder_config
     else:
-        text_cfg = CLIPTextConfig.from_dict(dict(SD15_TEXT_ENCODER_CONFIG if text_encoder_config is None else text_encoder_config))
+        text_cfg = CLIPTextConfig.from_dict(
+            dict(SD15_TEXT_ENCODER_CONFIG if text_encoder_config is None else text_encoder_config)
+        )
     text_encoder = None
     if load_text_encoder:
-        # transformers < 4.x era files lack the `text_model.` level.
+        # Files written from very old transformers lack the `text_model.` level.
         text_prefix = LDM_TEXT_PREFIX + "text_model."
         if not any(k.startswith(text_prefix) for k in keys):
             text_prefix = LDM_TEXT_PREFIX
         text_encoder = load_module(
-            lambda: CLIPTextModel(text_cfg, **kw), reader, lambda p: text_prefix + clip_text_key(p),
+            lambda: CLIPTextModel(text_cfg, rngs=nnx.Rngs(0), **kw), reader, lambda p: text_prefix + torch_key(p),
             mesh=mesh, what=f"{path} (text encoder, {text_prefix}*)", consumed_prefixes=(LDM_TEXT_PREFIX,),
-            ignore=lambda k: k.endswith("embeddings.position_ids"),
+            ignore=is_ignored_key,
         )
     other = [k for k in keys if not k.startswith((LDM_UNET_PREFIX, vae_prefix, LDM_TEXT_PREFIX))]
     if other:

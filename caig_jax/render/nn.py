@@ -12,6 +12,7 @@ the compute `dtype`; parameters carry logical axis names (see `caig_jax.parallel
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -698,8 +699,6 @@ def config_from_dict(cls, config, *, unsupported: dict, what: str):
     diffusers default (a feature we do not implement) or a ValueError names them; keys starting with `_`
     (`_class_name`, `_diffusers_version`) and unknown keys are ignored.
     """
-    import dataclasses
-
     if isinstance(config, cls):
         return config
     if not isinstance(config, dict):
