@@ -236,4 +236,3 @@ def load_llama(path: str, *, dtype=jnp.float32, mesh=None, param_dtype=jnp.float
     )
 
 
-# Former private name, still used by caig_jax.models.reward; new code should call `llava_sections`.
