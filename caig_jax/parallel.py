@@ -17,7 +17,7 @@ code, which couples models to the mesh; Auto keeps models mesh-agnostic and is w
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax._src.interpreters import partial_eval as pe  # see _tracer_errors_without_origin
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -57,13 +58,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("length", None),
     ("embed_no_fsdp", None),
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshShape:
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
 
 
 def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
@@ -178,6 +172,29 @@ def partition_specs(state: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> dict[st
     return out
 
 
+@contextlib.contextmanager
+def _tracer_errors_without_origin():
+    """Skips JAX's trace scan when a tracer's missing `.sharding` attribute is probed.
+
+    Flax NNX bumps an RNG counter for every parameter it creates and, doing so, probes `tracer.sharding`;
+    JAX answers with an AttributeError whose message names the value's origin by scanning the whole trace.
+    Flax discards the message, but building it is linear in the trace, so abstract construction is
+    quadratic in the number of parameters (minutes for a 7B LLaVA on a busy CPU, seconds when skipped).
+    """
+    original = pe.DynamicJaxprTracer._origin_msg
+    pe.DynamicJaxprTracer._origin_msg = lambda self: ""
+    try:
+        yield
+    finally:
+        pe.DynamicJaxprTracer._origin_msg = original
+
+
+def abstract_module(make_module: Callable[[], nnx.Module]) -> nnx.Module:
+    """`nnx.eval_shape(make_module)`: the module with `jax.ShapeDtypeStruct` leaves, nothing allocated."""
+    with _tracer_errors_without_origin():
+        return nnx.eval_shape(make_module)
+
+
 def sharded_init(make_module: Callable[[], nnx.Module], mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """Creates a module with every parameter born sharded on `mesh`.
 
@@ -187,25 +204,20 @@ def sharded_init(make_module: Callable[[], nnx.Module], mesh: Mesh, rules=LOGICA
 
     Returns the module (its Variables hold sharded `jax.Array`s).
     """
-    abstract = nnx.eval_shape(make_module)
-    graphdef, abstract_state = nnx.split(abstract)
+    graphdef, abstract_state = nnx.split(abstract_module(make_module))
     shardings = state_shardings(abstract_state, mesh, rules)
 
-    @jax.jit
     def init():
-        module = make_module()
-        state = nnx.state(module)
-        return jax.lax.with_sharding_constraint(state, shardings)
+        return nnx.state(make_module())
 
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), _tracer_errors_without_origin():
         state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 
 
 def abstract_with_shardings(make_module: Callable[[], nnx.Module], mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """(graphdef, abstract state of `jax.ShapeDtypeStruct`s carrying their NamedShardings)."""
-    abstract = nnx.eval_shape(make_module)
-    graphdef, abstract_state = nnx.split(abstract)
+    graphdef, abstract_state = nnx.split(abstract_module(make_module))
     shardings = state_shardings(abstract_state, mesh, rules)
     abstract_state = jax.tree.map(
         lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s.get_value())),

@@ -101,7 +101,7 @@ def _listing(title: str, items: list[str], limit: int = 40) -> str:
 
 def _abstract(make_module: Callable[[], nnx.Module], mesh):
     if mesh is None:
-        graphdef, state = nnx.split(nnx.eval_shape(make_module))
+        graphdef, state = nnx.split(parallel.abstract_module(make_module))
         return graphdef, state
     return parallel.abstract_with_shardings(make_module, mesh)
 
