@@ -86,6 +86,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.b2 = 0.999
     c.clip_grad_norm = 1.0  # 0 disables clipping
     c.trainable = "all"  # 'all' | 'lora'
+    c.extra_trainable = ()  # regexes of params trained whatever `trainable` says (e.g. new heads with LoRA)
     c.freeze = ()  # regexes over '/'-joined parameter paths: matching params get no grads, no optimizer state
     c.log_every = 10
     c.eval_every = 0  # 0: only at the end
@@ -95,21 +96,22 @@ def default_train_config() -> ml_collections.ConfigDict:
     return c
 
 
-def trainable_filter(trainable: str, freeze: tuple[str, ...] | list[str] = ()) -> nnx.filterlib.Filter:
-    """nnx filter of the trained parameters: `trainable` kind minus paths matching any `freeze` regex."""
+def trainable_filter(
+    trainable: str, freeze: tuple[str, ...] | list[str] = (), extra: tuple[str, ...] | list[str] = ()
+) -> nnx.filterlib.Filter:
+    """nnx filter of the trained parameters: (`trainable` kind or paths matching an `extra` regex) minus paths
+    matching any `freeze` regex."""
     if trainable == "all":
         kind = nnx.Param
     elif trainable == "lora":
         kind = nnx.LoRAParam
     else:
         raise ValueError(f"config.train.trainable={trainable!r}: expected 'all' or 'lora'")
-    patterns = [re.compile(f) for f in freeze]
+    def matcher(regexes):
+        patterns = [re.compile(r) for r in regexes]
+        return lambda path, _value: any(p.search("/".join(str(x) for x in path)) for p in patterns)
 
-    def frozen(path, _value) -> bool:
-        name = "/".join(str(p) for p in path)
-        return any(p.search(name) for p in patterns)
-
-    return nnx.All(kind, nnx.Not(frozen))
+    return nnx.All(nnx.Param, nnx.Any(kind, matcher(extra)), nnx.Not(matcher(freeze)))
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -193,13 +195,13 @@ class Trainer:
         if self.cfg.batch_size % jax.process_count():
             raise ValueError(f"config.train.batch_size={self.cfg.batch_size} must divide by {jax.process_count()} hosts")
 
-        self.filter = trainable_filter(self.cfg.trainable, tuple(self.cfg.freeze))
+        self.filter = trainable_filter(self.cfg.trainable, tuple(self.cfg.freeze), tuple(self.cfg.extra_trainable))
         self.graphdef, params, self.frozen = nnx.split(model, self.filter, ...)
         n_trainable = sum(x.size for x in jax.tree.leaves(params))
         if n_trainable == 0:
             raise ValueError(
-                f"no trainable parameters: trainable={self.cfg.trainable!r}, freeze={tuple(self.cfg.freeze)} "
-                "excludes everything"
+                f"no trainable parameters: trainable={self.cfg.trainable!r}, extra_trainable="
+                f"{tuple(self.cfg.extra_trainable)}, freeze={tuple(self.cfg.freeze)} select nothing"
             )
         n_frozen = sum(x.size for x in jax.tree.leaves(nnx.state(self.frozen, nnx.Param)))
         log.info("parameters: %s trainable, %s frozen", f"{n_trainable:,}", f"{n_frozen:,}")
