@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.util
 import logging
 import re
 import sys
 
 from absl import app, flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import config_flags
+
+from caig_jax.config_files import config_keys, load_config
 
 # config.job -> module with `run(config, workdir)`. Imported lazily so a job only pays for what it uses.
 JOBS = {
@@ -29,29 +30,6 @@ JOBS = {
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file, `configs/NAME.py[:PRESET]`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs (resumes if it exists).")
-
-
-def config_keys(config: ConfigDict, prefix: str = "") -> list[str]:
-    """All dotted leaf keys of a (nested) ConfigDict."""
-    keys = []
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, ConfigDict):
-            keys.extend(config_keys(value, name + "."))
-        else:
-            keys.append(name)
-    return keys
-
-
-def load_config(spec: str) -> ConfigDict:
-    """Loads `path/to/config.py[:ARG]` by calling its `get_config(ARG)` (what --config does)."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_caig_config", path)
-    if module_spec is None or module_spec.loader is None:
-        raise FileNotFoundError(f"config file {path!r} not found")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 def _unknown_override_message(argv: list[str], error: Exception) -> str | None:

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from caig_jax import parallel
+from caig_jax.config_files import load_config
 from caig_jax.models import reward as reward_model
 from caig_jax.models.clip import CLIPVisionConfig
 from caig_jax.models.image_processing import ImageProcessor, ImageProcessorConfig
@@ -40,9 +41,6 @@ from caig_jax.objectives.reward import reward_loss
 from caig_jax.trainers.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 # ================================================================================================
 # Data: the marketplace (or the user's TFDS ctr_logs) as reward pairs.
@@ -56,9 +54,7 @@ def ensure_data(config: ml_collections.ConfigDict, workdir: str) -> str:
     world = os.path.join(workdir, "market")
     if not os.path.isdir(os.path.join(world, "tfds", "ctr_logs")):
         from caig_jax.data import market_job
-        from caig_jax.main import load_config
-
-        market_config = load_config(os.path.join(REPO_ROOT, "configs", f"market.py:{config.data.market_preset}"))
+        market_config = load_config(f"configs/market.py:{config.data.market_preset}")
         market_config.seed = config.seed
         log.info("no data in %s: building the synthetic marketplace (%s preset)", world, config.data.market_preset)
         if jax.process_index() == 0:
@@ -190,7 +186,7 @@ class RewardInputBatches:
         }
         if self.keep_meta:
             out.update(true_ctr=np.asarray(raw["true_ctr"], np.float32), category=np.asarray(raw["category"]),
-                       item_id=np.asarray(raw["item_id"]))
+                       item_id=np.asarray(raw["item_id"]), index=np.asarray(raw["index"]))
         return out
 
     def _produce(self, queue: "Queue", stop: threading.Event) -> None:

@@ -1,0 +1,38 @@
+"""Loading `configs/NAME.py[:ARG]` files outside absl flag parsing (jobs that embed other jobs' configs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from ml_collections import ConfigDict
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config_keys(config: ConfigDict, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of a (nested) ConfigDict."""
+    keys = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ConfigDict):
+            keys.extend(config_keys(value, name + "."))
+        else:
+            keys.append(name)
+    return keys
+
+
+def load_config(spec: str) -> ConfigDict:
+    """Loads `path/to/config.py[:ARG]` by calling its `get_config(ARG)` (what --config does).
+
+    A relative path that does not exist from the working directory is looked up from the repository root.
+    """
+    path, _, arg = spec.partition(":")
+    if not os.path.isabs(path) and not os.path.exists(path):
+        path = os.path.join(REPO_ROOT, path)
+    module_spec = importlib.util.spec_from_file_location("_caig_config", path)
+    if module_spec is None or module_spec.loader is None:
+        raise FileNotFoundError(f"config file {path!r} not found")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
