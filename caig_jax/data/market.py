@@ -75,7 +75,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import math
 import os
@@ -88,6 +87,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from caig_jax.data.images import encode_image
 from caig_jax.render import product as product_lib
 
 # ----------------------------------------------------------------------------------------------------------
@@ -252,7 +252,7 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
 
 def _texture(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
     """A zero-mean luma texture, float32[size, size], roughly unit amplitude."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    yy, xx = _grid(size)
     if kind == "wood":
         warp = _smooth_noise(rng, size, 3) * 0.08
         return np.sin((yy + warp) * 2 * np.pi * rng.uniform(5.0, 7.0) + rng.uniform(0, 6.28)).astype(np.float32)
@@ -285,13 +285,26 @@ def _mix(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
 
 
 def _disc(img: np.ndarray, cx: float, cy: float, r: float, colour: np.ndarray, alpha: float, soft: float) -> None:
-    """Alpha-blends a soft disc into img (float32[H, W, 3]) in place."""
+    """Alpha-blends a soft disc into img (float32[H, W, 3]) in place (only its bounding box is touched)."""
     size = img.shape[0]
-    yy, xx = np.ogrid[0:size, 0:size]
-    d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
-    a = np.clip((r - d) / max(soft, 1e-3), 0.0, 1.0)[..., None] * alpha
-    img *= 1.0 - a
-    img += a * colour
+    y0, y1 = max(0, int(cy - r - 1)), min(size, int(cy + r + 2))
+    x0, x1 = max(0, int(cx - r - 1)), min(size, int(cx + r + 2))
+    if y0 >= y1 or x0 >= x1:
+        return
+    yy, xx = np.ogrid[y0:y1, x0:x1]
+    d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2, dtype=np.float32)
+    a = (np.clip((r - d) / max(soft, 1e-3), 0.0, 1.0) * alpha)[..., None].astype(np.float32)
+    view = img[y0:y1, x0:x1]
+    view *= 1.0 - a
+    view += a * colour
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    yy.setflags(write=False)
+    xx.setflags(write=False)
+    return yy, xx
 
 
 def paint_background(prompt: str, size: int = 512, seed: int = 0) -> np.ndarray:
@@ -316,7 +329,7 @@ def paint_background(prompt: str, size: int = 512, seed: int = 0) -> np.ndarray:
         if scene.layout == "studio":  # a studio has no floor: the material is the backdrop
             wall = _mix(wall, _rgb(material.colour), 0.7 if not p.colours else 0.35)
 
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    yy, xx = _grid(size)
     horizon = 1.0 - scene.floor_fraction + rng.uniform(-0.03, 0.03) if scene.floor_fraction > 0 else 2.0
     is_floor = (yy >= horizon)[..., None].astype(np.float32)
     img = wall[None, None, :] * (1.0 - is_floor) + floor[None, None, :] * is_floor
@@ -377,9 +390,10 @@ def paint_background(prompt: str, size: int = 512, seed: int = 0) -> np.ndarray:
             grid = ((np.floor(xx * 8) + np.floor(yy * 8)) % 2)[..., None]
             img = img * (1.0 - 0.2 * grid)
         elif pat == "bokeh":
+            light_colour = np.clip(img.mean(axis=(0, 1)) + 0.35, 0, 1)
             for _ in range(18):
                 _disc(img, rng.uniform(0, size), rng.uniform(0, size), rng.uniform(0.02, 0.07) * size,
-                      np.clip(img.mean(axis=(0, 1)) + 0.35, 0, 1), 0.45, size * 0.02)
+                      light_colour, 0.45, size * 0.02)
             img = cv2.GaussianBlur(img, (0, 0), size * 0.006)
         elif pat == "minimalist":
             img = cv2.GaussianBlur(img, (0, 0), size * 0.02)
@@ -396,9 +410,12 @@ def paint_background(prompt: str, size: int = 512, seed: int = 0) -> np.ndarray:
         l = LIGHTING[name]
         light = Lighting(light.brightness + l.brightness, light.temperature + l.temperature,
                          light.contrast * l.contrast, max(light.vignette, l.vignette), light.glow or l.glow)
-    mean = img.mean(axis=(0, 1), keepdims=True)
-    img = (img - mean) * light.contrast + mean + light.brightness
-    img = img + np.array([light.temperature, 0.2 * light.temperature, -light.temperature], np.float32)
+    if light.contrast != 1.0:
+        mean = img.mean(axis=(0, 1), keepdims=True)
+        img = (img - mean) * light.contrast + mean
+    if light.brightness or light.temperature:
+        img = img + np.array([light.brightness + light.temperature, light.brightness + 0.2 * light.temperature,
+                              light.brightness - light.temperature], np.float32)
     if light.vignette > 0:
         d = np.sqrt((xx - 0.5) ** 2 + (yy - 0.5) ** 2) / 0.7071
         img = img * (1.0 - light.vignette * d**2)[..., None]
@@ -406,7 +423,6 @@ def paint_background(prompt: str, size: int = 512, seed: int = 0) -> np.ndarray:
         for colour in ((1.0, 0.2, 0.8), (0.1, 0.9, 1.0)):
             _disc(img, rng.uniform(0.1, 0.9) * size, rng.uniform(0.1, 0.5) * size, size * 0.3,
                   np.array(colour, np.float32), 0.55, size * 0.25)
-    img = img + rng.normal(0.0, 0.004, img.shape).astype(np.float32)  # sensor-like grain, seed-dependent
     return np.clip(img * 255.0, 0, 255).round().astype(np.uint8)
 
 
@@ -503,17 +519,19 @@ class _Canvas:
         return (np.asarray(pts, np.float32) * self.size).round().astype(np.int32)
 
     def _blend(self, mask: np.ndarray, colour, shade: float) -> None:
-        m = mask.astype(np.float32) / 255.0
-        if not m.any():
+        box = cv2.boundingRect(mask)  # (x, y, w, h) of the non-zero mask: work inside it only
+        x0, y0, w, h = box
+        if w == 0 or h == 0:
             return
-        colour = _rgb(colour)
-        ys, xs = np.nonzero(m)
-        x0, x1 = xs.min(), xs.max() + 1
-        rel = (np.arange(self.size, dtype=np.float32) - x0) / max(x1 - x0, 1)
-        light = (1.0 - shade) + shade * (0.55 + 0.6 * np.sin(np.pi * np.clip(rel, 0, 1)) - 0.15 * rel)
-        layer = colour[None, None, :] * light[None, :, None]
-        self.rgb = self.rgb * (1 - m[..., None]) + layer * m[..., None]
-        self.alpha = np.maximum(self.alpha, m)
+        m = mask[y0 : y0 + h, x0 : x0 + w].astype(np.float32)[..., None] / 255.0
+        rel = np.arange(w, dtype=np.float32) / max(w, 1)
+        # Cylindrical shading across the shape, lit slightly from the left.
+        light = (1.0 - shade) + shade * (0.55 + 0.6 * np.sin(np.pi * rel) - 0.15 * rel)
+        layer = _rgb(colour)[None, None, :] * light[None, :, None]
+        rgb, alpha = self.rgb[y0 : y0 + h, x0 : x0 + w], self.alpha[y0 : y0 + h, x0 : x0 + w]
+        rgb *= 1.0 - m
+        rgb += layer * m
+        np.maximum(alpha, m[..., 0], out=alpha)
 
     def poly(self, pts, colour, shade: float = 0.5) -> None:
         mask = np.zeros((self.size, self.size), np.uint8)
@@ -674,8 +692,10 @@ def compose_ad(product_rgba: np.ndarray, prompt: str, size: int = 512, seed: int
 
 
 FEATURES = ("luma", "warmth", "green", "saturation", "texture")
-FEATURE_SCALES = np.array([0.16, 0.12, 0.10, 0.14, 0.035], np.float32)
-APPEAL_GAIN = 2.2  # log-odds between an ideal background (appeal 1) and a far-off one (appeal 0)
+LOOK = 3  # the first three features (luma, warmth, green) are the background's colour "look"
+APPEAL_SCALE = 0.12  # look distance (along a category's direction) that moves appeal by tanh(1)
+APPEAL_GAIN = 0.9  # log-odds per unit of appeal (appeal is in (-1, 1))
+TEXTURE_GAIN = 0.4  # log-odds lost per 0.03 of texture (busy backgrounds hide the product), capped at 2 units
 POP_GAIN = 1.0  # log-odds per unit of product/background contrast
 CTR_RANGE = (0.003, 0.12)
 CLICK_MODEL_RES = 32  # the click model looks at the ad at this resolution
@@ -688,6 +708,21 @@ def _ring_mask(res: int = CLICK_MODEL_RES, ring: int = _RING) -> np.ndarray:
     return m
 
 
+@functools.lru_cache(maxsize=1)
+def _ring_indices() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat indices of the ring pixels, and of horizontally/vertically adjacent ring-pixel pairs."""
+    ring = _ring_mask()
+    idx = np.arange(ring.size).reshape(ring.shape)
+    h = ring[:, 1:] & ring[:, :-1]
+    v = ring[1:] & ring[:-1]
+    first = np.concatenate([idx[:, :-1][h], idx[:-1][v]])
+    second = np.concatenate([idx[:, 1:][h], idx[1:][v]])
+    return np.flatnonzero(ring), first, second
+
+
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
 def image_features(image_rgb: np.ndarray) -> tuple[np.ndarray, float]:
     """Background statistics (float32[5]: luma, warmth, green, saturation, texture) and product pop, from
     the image area-downsampled to 32x32. See the module docstring."""
@@ -695,39 +730,56 @@ def image_features(image_rgb: np.ndarray) -> tuple[np.ndarray, float]:
     if image_rgb.ndim != 3 or image_rgb.shape[-1] != 3:
         raise ValueError(f"expected an RGB image uint8[H, W, 3], got shape {image_rgb.shape}")
     small = cv2.resize(image_rgb, (CLICK_MODEL_RES, CLICK_MODEL_RES), interpolation=cv2.INTER_AREA)
-    x = small.astype(np.float32) / 255.0
-    luma = x @ np.array([0.299, 0.587, 0.114], np.float32)
-    ring = _ring_mask()
-    r, g, b = x[..., 0][ring], x[..., 1][ring], x[..., 2][ring]
-    # Texture: neighbour differences between ring pixels only (the product never enters the statistic).
-    dx = np.abs(np.diff(luma, axis=1))[ring[:, 1:] & ring[:, :-1]]
-    dy = np.abs(np.diff(luma, axis=0))[ring[1:] & ring[:-1]]
+    x = small.reshape(-1, 3).astype(np.float32) / 255.0
+    ring, first, second = _ring_indices()
+    bg = x[ring]
+    luma = x @ _LUMA
+    mean = bg.mean(0)
     feats = np.array([
         luma[ring].mean(),
-        (r - b).mean(),
-        (g - (r + b) / 2).mean(),
-        (x.max(-1) - x.min(-1))[ring].mean(),
-        np.concatenate([dx, dy]).mean(),
+        mean[0] - mean[2],
+        mean[1] - (mean[0] + mean[2]) / 2,
+        (bg.max(1) - bg.min(1)).mean(),
+        # Texture: neighbour differences between ring pixels only (the product never enters the statistic).
+        np.abs(luma[first] - luma[second]).mean(),
     ], np.float32)
     c0, c1 = CLICK_MODEL_RES // 2 - 6, CLICK_MODEL_RES // 2 + 6
-    centre = x[c0:c1, c0:c1].reshape(-1, 3).mean(0)
-    pop = float(np.linalg.norm(centre - x[ring].mean(0)) / math.sqrt(3.0))
+    centre = small[c0:c1, c0:c1].reshape(-1, 3).astype(np.float32).mean(0) / 255.0
+    pop = float(np.linalg.norm(centre - mean) / math.sqrt(3.0))
     return feats, pop
+
+
+@functools.lru_cache(maxsize=1)
+def average_look() -> np.ndarray:
+    """The mean look (luma, warmth, green) of backgrounds painted from 64 random vocabulary prompts."""
+    rng = np.random.default_rng(12345)
+    looks = [image_features(paint_background(sample_prompt(rng), 64, k))[0][:LOOK] for k in range(64)]
+    return np.mean(looks, axis=0)
 
 
 @functools.lru_cache(maxsize=None)
 def category_target(category: str) -> np.ndarray:
-    """The preferred background statistics of a category: its ideal prompt, painted with 4 fixed seeds."""
+    """The look (luma, warmth, green) of a category's ideal prompt, painted with 4 fixed seeds."""
     ideal = CATEGORIES[category].ideal
-    feats = [image_features(paint_background(ideal, 128, seed))[0] for seed in range(4)]
-    return np.mean(feats, axis=0)
+    return np.mean([image_features(paint_background(ideal, 64, seed))[0][:LOOK] for seed in range(4)], axis=0)
+
+
+@functools.lru_cache(maxsize=None)
+def category_direction(category: str) -> np.ndarray:
+    """Unit vector from the average look towards the category's ideal look: what its shoppers prefer."""
+    d = category_target(category) - average_look()
+    return d / np.linalg.norm(d)
 
 
 def appeal(image_rgb: np.ndarray, category: str) -> float:
-    """How close the ad's background looks to what the category's shoppers like, in (0, 1]."""
+    """How much the ad's background leans towards the look the category's shoppers like, in (-1, 1)."""
     feats, _ = image_features(image_rgb)
-    z = (feats - category_target(category)) / FEATURE_SCALES
-    return float(np.exp(-0.5 * np.sum(z * z)))
+    return _appeal(feats, category)
+
+
+def _appeal(feats: np.ndarray, category: str) -> float:
+    z = float(np.dot(feats[:LOOK] - average_look(), category_direction(category))) / APPEAL_SCALE
+    return math.tanh(z)
 
 
 def _logit(p: float) -> float:
@@ -744,11 +796,14 @@ def true_ctr(composed_rgb_uint8: np.ndarray, category: str, item_offset: float =
     if category not in CATEGORIES:
         raise ValueError(f"unknown category {category!r}; known: {sorted(CATEGORIES)}")
     feats, pop = image_features(composed_rgb_uint8)
-    z = (feats - category_target(category)) / FEATURE_SCALES
-    a = math.exp(-0.5 * float(np.sum(z * z)))
-    logit = _logit(CATEGORIES[category].base_ctr) + item_offset + APPEAL_GAIN * (a - 0.5) + POP_GAIN * (pop - 0.25)
-    p = 1.0 / (1.0 + math.exp(-logit))
-    return float(np.clip(p, *CTR_RANGE))
+    logit = (
+        _logit(CATEGORIES[category].base_ctr)
+        + item_offset
+        + APPEAL_GAIN * _appeal(feats, category)
+        - TEXTURE_GAIN * min(float(feats[4]) / 0.03, 2.0)
+        + POP_GAIN * (pop - 0.25)
+    )
+    return float(np.clip(1.0 / (1.0 + math.exp(-logit)), *CTR_RANGE))
 
 
 def background_match(prompt: str, category: str) -> float:
@@ -783,3 +838,387 @@ def sample_prompt(rng: np.random.Generator, category: str | None = None) -> str:
     if rng.random() < 0.3:
         parts.append(pick(cat.patterns if cat else None, VOCABULARY["pattern"]))
     return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The simulated world on disk
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MarketConfig:
+    """What `make_market` simulates. `configs/market.py` holds the presets."""
+
+    num_products: int = 500
+    categories: tuple[str, ...] = tuple(CATEGORIES)
+    min_creatives: int = 8
+    max_creatives: int = 12
+    image_size: int = 96  # composed ads (the logs' images)
+    product_size: int = 128  # RGBA cut-outs
+    on_brief: float = 0.4  # probability that a creative's prompt is on the category's brief
+    impressions_median: float = 3000.0
+    impressions_sigma: float = 0.5
+    low_impression_fraction: float = 0.05  # creatives with impressions in [100, 1000)
+    item_offset_sd: float = 0.25  # the product's own attractiveness, log-odds
+    max_days: int = 3  # each creative's impressions are spread over 1..max_days daily rows
+    split_fractions: tuple[tuple[str, float], ...] = (("train", 0.7), ("val", 0.1), ("test", 0.2))
+    min_impressions: int = 1000  # the pair rule used for the oracle report
+    min_ratio: float = 1.05
+    max_ratio: float = 1.20
+    contact_sheet_products: int = 10
+    num_workers: int = 0  # >1: simulate items in that many processes
+
+    @classmethod
+    def make(cls, config: Any = None, **overrides: Any) -> MarketConfig:
+        """From a MarketConfig, a mapping (e.g. a ConfigDict) or keyword overrides; unknown keys raise."""
+        values: dict[str, Any] = {}
+        if isinstance(config, MarketConfig):
+            values = dataclasses.asdict(config)
+        elif config is not None:
+            values = dict(config.items() if hasattr(config, "items") else config)
+        values.update(overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown market option(s) {unknown}; known: {sorted(known)}")
+        if "categories" in values:
+            values["categories"] = tuple(values["categories"])
+            bad = sorted(set(values["categories"]) - set(CATEGORIES))
+            if bad:
+                raise ValueError(f"unknown categories {bad}; known: {sorted(CATEGORIES)}")
+        if "split_fractions" in values:
+            sf = values["split_fractions"]
+            values["split_fractions"] = tuple((str(k), float(v)) for k, v in (sf.items() if hasattr(sf, "items") else sf))
+        cfg = cls(**values)
+        if not 2 <= cfg.min_creatives <= cfg.max_creatives:
+            raise ValueError(f"need 2 <= min_creatives <= max_creatives, got {cfg.min_creatives}, {cfg.max_creatives}")
+        return cfg
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Writes via a temporary file + rename, so an interrupted run never leaves a half-written file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _png(image: np.ndarray) -> bytes:
+    return encode_image(image, "png")
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
+
+
+def _item_category(cfg: MarketConfig, index: int) -> str:
+    return cfg.categories[index % len(cfg.categories)]
+
+
+def _simulate_item(out_dir: str, cfg: MarketConfig, seed: int, index: int) -> dict[str, Any]:
+    """Draws one product and its creatives, writes their images, returns the item's log (cached on disk)."""
+    cache = os.path.join(out_dir, "_work", f"item{index:05d}.json")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            return json.load(f)
+    category = _item_category(cfg, index)
+    product = make_product(index, category, seed)
+    cutout = product_image(product, cfg.product_size)
+    product_path = os.path.join(out_dir, "products", "images", f"{product.id}.png")
+    if not os.path.exists(product_path):
+        _write_atomic(product_path, _png(cutout))
+    placed = product_lib.place_product(cutout, size=cfg.image_size)
+    rng = np.random.default_rng([seed, index, 3])
+    offset = float(rng.normal(0.0, cfg.item_offset_sd))
+    creatives = []
+    for j in range(int(rng.integers(cfg.min_creatives, cfg.max_creatives + 1))):
+        on_brief = bool(rng.random() < cfg.on_brief)
+        prompt = sample_prompt(rng, category if on_brief else None)
+        bg_seed = int(rng.integers(0, 2**31 - 1))
+        ad = product_lib.paste_product(paint_background(prompt, cfg.image_size, bg_seed), placed)
+        ctr = true_ctr(ad, category, offset)
+        name = f"{product.id}_{j:02d}.png"
+        path = os.path.join(out_dir, "logs", "images", name)
+        if not os.path.exists(path):
+            _write_atomic(path, _png(ad))
+        if rng.random() < cfg.low_impression_fraction:
+            impressions = int(rng.integers(100, 1000))
+        else:
+            impressions = int(round(math.exp(rng.normal(math.log(cfg.impressions_median), cfg.impressions_sigma))))
+            impressions = max(impressions, 1)
+        days = int(rng.integers(1, cfg.max_days + 1))
+        per_day = rng.multinomial(impressions, [1.0 / days] * days)
+        first_day = int(rng.integers(0, 28 - days))
+        rows = [[f"202406{first_day + d + 1:02d}", int(n), int(rng.binomial(int(n), ctr))] for d, n in enumerate(per_day)]
+        creatives.append({"name": name, "prompt": prompt, "on_brief": on_brief, "bg_seed": bg_seed,
+                          "true_ctr": ctr, "rows": rows})
+    item = {"id": product.id, "index": index, "category": category, "title": product.title,
+            "attributes": product.attributes, "item_offset": offset, "creatives": creatives}
+    _write_atomic(cache, _json_bytes(item))
+    return item
+
+
+def _simulate_items(out_dir: str, cfg: MarketConfig, seed: int) -> list[dict[str, Any]]:
+    indices = range(cfg.num_products)
+    if cfg.num_workers > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # the parent may hold JAX threads: never fork it
+        with concurrent.futures.ProcessPoolExecutor(cfg.num_workers, mp_context=ctx) as pool:
+            return list(pool.map(_simulate_item, *zip(*[(out_dir, cfg, seed, i) for i in indices]), chunksize=8))
+    return [_simulate_item(out_dir, cfg, seed, i) for i in indices]
+
+
+def _assign_splits(cfg: MarketConfig, seed: int) -> dict[int, str]:
+    """Whole items to splits, balanced over categories: items are dealt round-robin over categories (in a
+    random order within each category), the smaller splits first, so every split sees every category as
+    soon as it has that many items."""
+    rng = np.random.default_rng([seed, 4])
+    per_category = []
+    for category in cfg.categories:
+        members = [i for i in range(cfg.num_products) if _item_category(cfg, i) == category]
+        per_category.append([members[k] for k in rng.permutation(len(members))])
+    dealt = [m[r] for r in range(max(map(len, per_category))) for m in per_category if r < len(m)]
+    n = len(dealt)
+    names = [name for name, _ in cfg.split_fractions]
+    fractions = np.array([f for _, f in cfg.split_fractions], np.float64)
+    exact = fractions / fractions.sum() * n
+    counts = np.floor(exact).astype(int)
+    for k in np.argsort(-(exact - counts))[: n - counts.sum()]:  # largest remainders get the leftovers
+        counts[k] += 1
+    out, start = {}, 0
+    for k in np.argsort(fractions, kind="stable"):
+        for i in dealt[start : start + counts[k]]:
+            out[i] = names[k]
+        start += counts[k]
+    return out
+
+
+_DESCRIBE_PRODUCT_Q = (
+    "Describe the product in this image.",
+    "What product is shown in this picture? Describe it briefly.",
+    "Give a short description of this product.",
+)
+_DESCRIBE_BACKGROUND_Q = (
+    "Describe the background of this advertising image.",
+    "What does the background of this ad look like?",
+)
+_TITLE_Q = ("Write a short product title for this advertising image.", "Give this product a title.")
+_PROMPT_Q = (
+    "The product is '{title}'. Write a background prompt for an advertising image of this product.",
+    "Write a Stable Diffusion background prompt for the product '{title}'.",
+)
+
+
+def _conversations(items: list[dict[str, Any]], rng: np.random.Generator) -> dict[str, list[dict[str, Any]]]:
+    """The three pre-training task families as LLaVA conversation lists (image paths relative to the root)."""
+    fam: dict[str, list[dict[str, Any]]] = {"describe_product": [], "describe_background": [], "background_prompt": []}
+    turn = lambda q, a: [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]  # noqa: E731
+    for item in items:
+        a = item["attributes"]
+        cat = CATEGORIES[item["category"]]
+        product_image_path = f"products/images/{item['id']}.png"
+        fam["describe_product"].append({
+            "id": f"{item['id']}_product",
+            "image": product_image_path,
+            "conversations": turn(str(rng.choice(_DESCRIBE_PRODUCT_Q)),
+                                  f"A {a['colour']} {cat.noun} made of {a['material']} by {a['brand']}. "
+                                  f"Title: {item['title']}."),
+        })
+        for c in item["creatives"][:3]:
+            if rng.random() < 0.5:
+                q, ans, kind = str(rng.choice(_DESCRIBE_BACKGROUND_Q)), f"The {cat.noun} is shown on a background of {c['prompt']}.", "bg"
+            else:
+                q, ans, kind = str(rng.choice(_TITLE_Q)), item["title"], "title"
+            fam["describe_background"].append({
+                "id": f"{c['name'][:-4]}_{kind}", "image": f"logs/images/{c['name']}", "conversations": turn(q, ans)})
+        for c in item["creatives"]:
+            fam["background_prompt"].append({
+                "id": f"{c['name'][:-4]}_prompt",
+                "image": product_image_path,
+                "conversations": turn(str(rng.choice(_PROMPT_Q)).format(title=item["title"]), c["prompt"]),
+            })
+    return fam
+
+
+def _aggregate(item: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"item_id": item["id"], "image": c["name"], "impressions": sum(r[1] for r in c["rows"]),
+             "clicks": sum(r[2] for r in c["rows"]), "true_ctr": c["true_ctr"]} for c in item["creatives"]]
+
+
+def oracle_report(items: list[dict[str, Any]], splits: Mapping[str, str], cfg: MarketConfig, seed: int) -> dict:
+    """How often the logged label agrees with the true CTR order on the pairs CAIG's rule keeps."""
+    from caig_jax.data import pairs as pairs_lib
+
+    rule = pairs_lib.PairRule(cfg.min_impressions, cfg.min_ratio, cfg.max_ratio)
+    out: dict[str, Any] = {"rule": dataclasses.asdict(rule), "splits": {}}
+    for split, _ in cfg.split_fractions:
+        records = [r for item in items if splits[item["id"]] == split for r in _aggregate(item)]
+        category = {item["id"]: item["category"] for item in items}
+        pairs, report = pairs_lib.pair_indices(records, rule, seed=seed)
+        agree = [
+            int((records[p.left]["true_ctr"] > records[p.right]["true_ctr"]) == (p.label == 0)) for p in pairs
+        ]
+        per_cat: dict[str, list[int]] = {}
+        for p, a in zip(pairs, agree):
+            per_cat.setdefault(category[p.item_id], []).append(a)
+        n = len(agree)
+        acc = float(np.mean(agree)) if n else math.nan
+        out["splits"][split] = {
+            "pairs": n,
+            "oracle_accuracy": acc,
+            "oracle_ci95": 1.96 * math.sqrt(acc * (1 - acc) / n) if n else math.nan,
+            "per_category": {c: float(np.mean(v)) for c, v in sorted(per_cat.items())},
+            "pair_report": report,
+        }
+    all_pairs = sum(s["pairs"] for s in out["splits"].values())
+    out["oracle_accuracy"] = (
+        sum(s["oracle_accuracy"] * s["pairs"] for s in out["splits"].values() if s["pairs"]) / all_pairs
+        if all_pairs else math.nan
+    )
+    return out
+
+
+def _contact_sheet(out_dir: str, items: list[dict[str, Any]], cfg: MarketConfig, tile: int = 128) -> np.ndarray:
+    """One row per category: the cut-out on a checkerboard, then its ads sorted by true CTR (annotated)."""
+    chosen, seen = [], set()
+    for item in items:
+        if item["category"] not in seen and len(chosen) < cfg.contact_sheet_products:
+            chosen.append(item)
+            seen.add(item["category"])
+    rows = []
+    ncol = 6
+    for item in chosen:
+        cut = np.asarray(Image.open(os.path.join(out_dir, "products", "images", f"{item['id']}.png")).convert("RGBA"))
+        cut = cv2.resize(cut, (tile, tile), interpolation=cv2.INTER_AREA)
+        yy, xx = np.mgrid[0:tile, 0:tile]
+        checker = np.where(((yy // 8 + xx // 8) % 2)[..., None] == 0, 230, 200).astype(np.float32)
+        a = cut[..., 3:].astype(np.float32) / 255.0
+        tiles = [(cut[..., :3] * a + checker * (1 - a)).astype(np.uint8)]
+        cv2.putText(tiles[0], item["category"][:16], (3, tile - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+        ads = sorted(item["creatives"], key=lambda c: -c["true_ctr"])[: ncol - 1]
+        for c in ads:
+            ad = np.asarray(Image.open(os.path.join(out_dir, "logs", "images", c["name"])).convert("RGB"))
+            ad = np.ascontiguousarray(cv2.resize(ad, (tile, tile), interpolation=cv2.INTER_CUBIC))
+            imp = sum(r[1] for r in c["rows"])
+            logged = sum(r[2] for r in c["rows"]) / max(imp, 1)
+            ad[-14:] = (ad[-14:].astype(np.float32) * 0.35).astype(np.uint8)
+            cv2.putText(ad, f"true {100 * c['true_ctr']:.1f}% log {100 * logged:.1f}%", (3, tile - 4),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.3, (255, 255, 255), 1, cv2.LINE_AA)
+            tiles.append(ad)
+        while len(tiles) < ncol:
+            tiles.append(np.full((tile, tile, 3), 255, np.uint8))
+        rows.append(np.concatenate(tiles, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def _fingerprint(cfg: MarketConfig, seed: int) -> str:
+    click_model = [APPEAL_SCALE, APPEAL_GAIN, TEXTURE_GAIN, POP_GAIN, list(CTR_RANGE), CLICK_MODEL_RES, _RING]
+    blob = json.dumps({"config": dataclasses.asdict(cfg), "seed": seed, "version": MARKET_VERSION,
+                       "click_model": click_model}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+MARKET_VERSION = 1  # bump when the simulation changes, so old worlds are not silently reused
+
+
+def make_market(out_dir: str, config: Any = None, *, seed: int = 0, overwrite: bool = False, verbose: bool = True,
+                **overrides: Any) -> dict[str, Any]:
+    """Simulates the marketplace into `out_dir` and returns its report (also written as `report.json`).
+
+    `config`: a `MarketConfig`, a mapping of its fields (e.g. `config.market` of configs/market.py), or
+    None; keyword `overrides` win. Layout written under `out_dir`:
+
+        products/images/<item>.png                RGBA cut-outs
+        products/products.json                    CAIG tiny.json layout + category, attributes, split
+        logs/images/<item>_<k>.png                composed ads (the CreativeRanking images folder)
+        logs/list/{train,val,test}_data_list.txt  item_id, image_name, date, impressions, clicks (tab-separated)
+        logs/truth.tsv                            image_name, true_ctr, item_id, prompt, on_brief (simulation only)
+        conversations/<family>_<split>.json       LLaVA JSON: describe_product, describe_background,
+                                                  background_prompt (image paths relative to out_dir)
+        oracle.json, report.json, contact_sheet.png, market_config.json, COMPLETE
+
+    Re-running with the same config and seed reuses a complete world; an interrupted run resumes (every
+    file is written atomically and every item has its own random stream, so the result is identical).
+    A world made with another config raises unless `overwrite=True`.
+    """
+    from caig_jax.data.ctr_logs import DataError
+
+    cfg = MarketConfig.make(config, **overrides)
+    fp = _fingerprint(cfg, seed)
+    done = os.path.join(out_dir, "COMPLETE")
+    config_path = os.path.join(out_dir, "market_config.json")
+    previous = None  # the fingerprint of what is already in out_dir (finished or not)
+    if os.path.exists(done):
+        with open(done) as f:
+            previous = f.read().strip()
+        if previous == fp:
+            with open(os.path.join(out_dir, "report.json")) as f:
+                return json.load(f)
+    elif os.path.exists(config_path):
+        with open(config_path) as f:
+            previous = json.load(f).get("fingerprint")
+    if previous is not None and previous != fp:
+        if not overwrite:
+            raise DataError(f"{out_dir} holds a market made with another config or seed (fingerprint {previous}, "
+                            f"now {fp}); use another directory or overwrite=True")
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    _write_atomic(config_path, _json_bytes({"config": dataclasses.asdict(cfg), "seed": seed, "fingerprint": fp}))
+
+    items = _simulate_items(out_dir, cfg, seed)
+    split_of_index = _assign_splits(cfg, seed)
+    splits = {item["id"]: split_of_index[item["index"]] for item in items}
+
+    products = [{"id": it["id"], "image": f"images/{it['id']}.png", "new_caption": it["title"],
+                 "category": it["category"], "attributes": it["attributes"], "split": splits[it["id"]]} for it in items]
+    _write_atomic(os.path.join(out_dir, "products", "products.json"), _json_bytes(products))
+
+    for split, _ in cfg.split_fractions:
+        lines = [f"{it['id']}\t{c['name']}\t{r[0]}\t{r[1]}\t{r[2]}" for it in items if splits[it["id"]] == split
+                 for c in it["creatives"] for r in c["rows"]]
+        _write_atomic(os.path.join(out_dir, "logs", "list", f"{split}_data_list.txt"), ("\n".join(lines) + "\n").encode())
+    truth = ["image_name\ttrue_ctr\titem_id\tprompt\ton_brief"] + [
+        f"{c['name']}\t{c['true_ctr']:.6f}\t{it['id']}\t{c['prompt']}\t{int(c['on_brief'])}" for it in items for c in it["creatives"]]
+    _write_atomic(os.path.join(out_dir, "logs", "truth.tsv"), ("\n".join(truth) + "\n").encode())
+
+    rng = np.random.default_rng([seed, 5])
+    families = {split: _conversations([it for it in items if splits[it["id"]] == split], rng) for split, _ in cfg.split_fractions}
+    conversation_files = {}
+    for split, fam in families.items():
+        for name, entries in fam.items():
+            rel = f"conversations/{name}_{split}.json"
+            _write_atomic(os.path.join(out_dir, rel), _json_bytes(entries))
+            conversation_files.setdefault(split, []).append(rel)
+
+    oracle = oracle_report(items, splits, cfg, seed)
+    _write_atomic(os.path.join(out_dir, "oracle.json"), _json_bytes(oracle))
+    sheet = _contact_sheet(out_dir, items, cfg)
+    _write_atomic(os.path.join(out_dir, "contact_sheet.png"), _png(sheet))
+
+    all_ctr = np.array([c["true_ctr"] for it in items for c in it["creatives"]])
+    impressions = np.array([sum(r[1] for r in c["rows"]) for it in items for c in it["creatives"]])
+    report = {
+        "seed": seed,
+        "fingerprint": fp,
+        "products": len(items),
+        "products_per_split": {s: sum(v == s for v in splits.values()) for s, _ in cfg.split_fractions},
+        "creatives": int(all_ctr.size),
+        "true_ctr_percentiles": dict(zip(("p5", "p25", "p50", "p75", "p95"),
+                                         np.percentile(all_ctr, [5, 25, 50, 75, 95]).round(5).tolist())),
+        "impressions_median": float(np.median(impressions)),
+        "creatives_over_min_impressions": float(np.mean(impressions > cfg.min_impressions)),
+        "conversations": {s: {n: len(v) for n, v in fam.items()} for s, fam in families.items()},
+        "conversation_files": conversation_files,
+        "oracle": oracle,
+        "paths": {"products": "products/products.json", "logs": "logs", "truth": "logs/truth.tsv",
+                  "contact_sheet": "contact_sheet.png", "oracle": "oracle.json"},
+    }
+    _write_atomic(os.path.join(out_dir, "report.json"), _json_bytes(report))
+    _write_atomic(done, fp.encode())
+    if verbose:
+        per = ", ".join(f"{s} {v['oracle_accuracy']:.3f} ({v['pairs']} pairs)" for s, v in oracle["splits"].items())
+        print(f"market: {len(items)} products, {all_ctr.size} creatives in {out_dir}; oracle accuracy {per}")
+    return report

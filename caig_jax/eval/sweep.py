@@ -477,7 +477,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         model, model_config = interface.load_trained(checkpoint, mesh, step=step)
         for spec in specs:
             data_dir = _resolve_data_dir(spec.eval_set, checkpoint, model_config)
-            batches = _pair_batches(interface, model_config, model, data_dir, spec.eval_set.split, local_batch)
+            batches = interface.pair_batches(model_config, data_dir, spec.eval_set.split, local_batch)
             predictions = None
             if config.write_predictions:
                 predictions = os.path.join(workdir, "predictions", spec.row_id, "predictions.process{process}.npz")

@@ -598,7 +598,7 @@ def build_word_tokenizer(texts: Iterable[str], out_dir: str, *, vocab_size: int 
     A `tokenizers` Unigram model (SentencePiece's segmentation) with byte fallback picks the segmentation with
     the fewest pieces (ties: the more frequent pieces): a known word is always one token, an unknown word is
     fragments / characters, an unseen character is its UTF-8 bytes; so every text decodes back to itself
-    (except that leading spaces of the whole text are dropped, as in Llama).
+    (except that leading spaces of the whole text are dropped, as in Llama, and a literal `▁` decodes as a space).
 
     vocab_size: the total size (`len(tokenizer)`, specials and bytes included) not to exceed; when the texts
       give fewer pieces the tokenizer is smaller. None: all characters and words, no fragments.
@@ -647,7 +647,7 @@ def build_word_tokenizer(texts: Iterable[str], out_dir: str, *, vocab_size: int 
     if vocab_size is not None:
         room = vocab_size - reserved - len(pieces)
         if room > 0:
-            # Fragments (length 2 .. len-1) of the kept words, weighted by the words' counts.
+            # Fragments (length 2 .. len-1) of every word seen, weighted by the words' counts.
             known = {p for p, _ in pieces} | taken
             frag_count: dict[str, int] = {}
             frag_words: dict[str, int] = {}

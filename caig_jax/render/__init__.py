@@ -1,1 +1,144 @@
-"""Background renderer: SD-1.5 + ControlNet(canny) inpainting around an untouched product cut-out."""
+"""Background renderer: SD-1.5 + ControlNet(canny) inpainting around an untouched product cut-out.
+
+    import caig_jax.render as render
+    renderer = render.from_pretrained("/ckpt/stable-diffusion-v1-5",
+                                      controlnet_path="/ckpt/control_v11p_sd15_canny", mesh=mesh)
+    ads = renderer.inpaint_product(product_rgba, prompts)          # uint8[B, 512, 512, 3]
+
+Modules (all NHWC, callable eagerly or under jit, argument names as their diffusers counterparts):
+  renderer.unet(sample [B,h,w,4], timestep (scalar or [B]), encoder_hidden_states [B,77,768],
+                down_block_additional_residuals=None, mid_block_additional_residual=None) -> [B,h,w,4]
+  renderer.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond [B,8h,8w,3] in [0,1],
+                      conditioning_scale=1.0) -> (tuple of down residuals, mid residual)
+  renderer.vae.encode(x [B,H,W,3] in [-1,1]) -> posterior with .mode() / .sample(key) / .mean / .std;
+  renderer.vae.decode(z [B,h,w,4]) -> [B,H,W,3];  renderer.vae.scaling_factor
+  renderer.text_encoder(input_ids [B,77]) -> (last_hidden_state [B,77,768], pooler_output)
+  renderer.tokenizer: transformers CLIPTokenizer;  renderer.scheduler_config: the scheduler_config.json dict
+See `caig_jax.render.pipeline.Renderer` for the sampling entry points and `caig_jax.render.schedulers` for the
+samplers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from caig_jax.render.pipeline import Renderer
+
+
+def __getattr__(name):
+    # Lazy: `caig_jax.render.product` (pure numpy, used by the data pipeline) must not pull in the sampler.
+    if name == "Renderer":
+        from caig_jax.render.pipeline import Renderer
+
+        return Renderer
+    raise AttributeError(f"module 'caig_jax.render' has no attribute {name!r}")
+
+
+__all__ = ["Renderer", "from_pretrained", "SD15_SCHEDULER_CONFIG"]
+
+# runwayml/stable-diffusion-v1-5 `scheduler/scheduler_config.json`: used for single-file checkpoints, which ship
+# no scheduler config.
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+def _load_tokenizer(folder: str):
+    from transformers import CLIPTokenizer
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"tokenizer folder {folder!r} does not exist (expected vocab.json and merges.txt)")
+    try:
+        return CLIPTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001  (transformers raises many kinds; name the folder)
+        raise ValueError(f"cannot load a CLIP tokenizer from {folder!r}: {e}") from e
+
+
+def from_pretrained(sd_path, *, controlnet_path=None, dtype=jnp.float32, mesh=None) -> "Renderer":
+    """Loads a Stable Diffusion renderer (and optionally a ControlNet), parameters streamed onto `mesh`.
+
+    Args:
+      sd_path: a diffusers pipeline folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), or a
+        single-file SD-1.x `.safetensors` in the original LDM layout; the latter ships no tokenizer, so a
+        `tokenizer/` folder must sit next to the file (and `scheduler/` is optional: SD-1.5's config otherwise).
+      controlnet_path: a diffusers `ControlNetModel` folder (e.g. `lllyasviel/control_v11p_sd15_canny`), or None.
+      dtype: compute dtype of the modules (parameters are stored in the same dtype).
+      mesh: a `('data', 'fsdp', 'tensor')` mesh: parameters are sharded by their logical axes and sampling
+        batches are split over ('data', 'fsdp'). None: everything on the default device.
+
+    Returns:
+      A `Renderer` with `unet`, `vae`, `text_encoder`, `controlnet` (None without one), `tokenizer`,
+      `scheduler_config` and `inpaint_product(...)` / `text_to_image(...)`.
+    """
+    from caig_jax.convert import diffusers as diffusers_convert
+    from caig_jax.convert.clip import load_clip_text_model
+    from caig_jax.render.pipeline import Renderer
+    from caig_jax.render.schedulers import load_scheduler_config
+
+    sd_path = os.fspath(sd_path)
+    if not os.path.exists(sd_path):
+        raise FileNotFoundError(f"Stable Diffusion checkpoint {sd_path!r} does not exist")
+    if os.path.isdir(sd_path):
+        for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            if not os.path.isdir(os.path.join(sd_path, sub)):
+                raise FileNotFoundError(
+                    f"{sd_path!r} has no {sub}/ folder: expected a diffusers Stable Diffusion pipeline folder "
+                    "(unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+                )
+        unet = diffusers_convert.load_unet(os.path.join(sd_path, "unet"), dtype=dtype, mesh=mesh)
+        vae = diffusers_convert.load_vae(os.path.join(sd_path, "vae"), dtype=dtype, mesh=mesh)
+        text_encoder = load_clip_text_model(
+            os.path.join(sd_path, "text_encoder"), dtype=dtype, mesh=mesh, param_dtype=dtype
+        )
+        tokenizer = _load_tokenizer(os.path.join(sd_path, "tokenizer"))
+        scheduler_config = load_scheduler_config(os.path.join(sd_path, "scheduler"))
+    else:
+        parent = os.path.dirname(os.path.abspath(sd_path))
+        tokenizer_dir = os.path.join(parent, "tokenizer")
+        if not os.path.isdir(tokenizer_dir):
+            raise FileNotFoundError(
+                f"{sd_path!r} is a single-file checkpoint, which ships no tokenizer: put SD-1.5's tokenizer/ folder "
+                f"(vocab.json, merges.txt) at {tokenizer_dir!r}"
+            )
+        parts = diffusers_convert.load_ldm_single_file(sd_path, dtype=dtype, mesh=mesh)
+        unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
+        tokenizer = _load_tokenizer(tokenizer_dir)
+        scheduler_dir = os.path.join(parent, "scheduler")
+        if os.path.isdir(scheduler_dir):
+            scheduler_config = load_scheduler_config(scheduler_dir)
+        else:
+            logging.info("%s: no scheduler/ folder next to it; using SD-1.5's scheduler config", sd_path)
+            scheduler_config = dict(SD15_SCHEDULER_CONFIG)
+    controlnet = None
+    if controlnet_path:
+        controlnet = diffusers_convert.load_controlnet(os.fspath(controlnet_path), dtype=dtype, mesh=mesh)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    sample_size = unet.config.sample_size
+    if isinstance(sample_size, (tuple, list)):
+        sample_size = sample_size[0]
+    resolution = int(sample_size or 64) * vae_scale
+    return Renderer(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        controlnet=controlnet,
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        resolution=resolution,
+        mesh=mesh,
+        dtype=dtype,
+    )

@@ -157,11 +157,13 @@ def scheduler_config_from_dict(kind: str, config: Mapping[str, Any] | None = Non
     def unsupported(key, why):
         raise ValueError(f"scheduler config key {key}={values[key]!r} is not supported for {kind} ({why})")
 
-    if values["beta_schedule"] not in ("linear", "scaled_linear", "squaredcos_cap_v2") and values["trained_betas"] is None:
+    schedules = ("linear", "scaled_linear", "squaredcos_cap_v2")
+    if values["beta_schedule"] not in schedules and values["trained_betas"] is None:
         unsupported("beta_schedule", "use linear, scaled_linear or squaredcos_cap_v2")
     if values["timestep_spacing"] not in ("linspace", "leading", "trailing"):
         unsupported("timestep_spacing", "use linspace, leading or trailing")
-    allowed_pred = ("epsilon", "v_prediction") if kind in ("euler_ancestral",) else ("epsilon", "v_prediction", "sample")
+    # diffusers' Euler-ancestral raises NotImplementedError for prediction_type="sample".
+    allowed_pred = ("epsilon", "v_prediction") + (() if kind == "euler_ancestral" else ("sample",))
     if values["prediction_type"] not in allowed_pred:
         unsupported("prediction_type", f"use one of {allowed_pred}")
     for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas"):
@@ -196,7 +198,10 @@ def load_scheduler_config(path: str) -> dict[str, Any]:
     if not os.path.exists(file):
         raise FileNotFoundError(f"scheduler config not found: {file} (expected a diffusers scheduler_config.json)")
     with open(file) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: invalid JSON: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,7 +265,7 @@ def alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
     return ac
 
 
-def _spaced_timesteps(config: SchedulerConfig, steps: int, dtype) -> np.ndarray:
+def _spaced_timesteps(config: SchedulerConfig, steps: int) -> np.ndarray:
     """Euler-family timestep spacing (float32 for Euler/Euler-a, as diffusers)."""
     n = config.num_train_timesteps
     if config.timestep_spacing == "linspace":
@@ -300,7 +305,7 @@ def _tables(config: SchedulerConfig, steps: int) -> dict[str, np.ndarray]:
     base_sigmas = np.sqrt((np.float32(1) - ac) / ac).astype(np.float32)
     out: dict[str, np.ndarray] = {}
     if config.kind in ("euler_ancestral", "euler"):
-        timesteps = _spaced_timesteps(config, steps, np.float32)
+        timesteps = _spaced_timesteps(config, steps)
         sigmas = np.interp(timesteps, np.arange(0, len(base_sigmas)), base_sigmas)
         if config.kind == "euler" and config.use_karras_sigmas:
             log_sigmas = np.log(base_sigmas)

@@ -1,0 +1,11 @@
+"""TFDS builders (array_record output, read TF-free with `tfds.data_source` / `as_data_source()` / grain).
+
+- `ctr_logs`: CTR logs (CreativeRanking or CAIG JSON layout) -> CAIG reward pairs.
+- `llava_conversations`: LLaVA conversation JSON -> knowledge pre-training examples.
+- `products`: CAIG's product list (tiny.json layout) -> RGBA cut-outs with captions.
+
+Each module has `build(data_dir, ...) -> (dataset folder, build report)`.
+"""
+
+from caig_jax.data.builders import ctr_logs, llava_conversations, products  # noqa: F401
+from caig_jax.data.builders._common import dataset_dir, load_builder  # noqa: F401

@@ -1,0 +1,471 @@
+"""Render job: paint backgrounds around product cut-outs for a list of prompts (CAIG's renderer).
+
+    python -m caig_jax.main --config=configs/render.py:tiny --workdir=/tmp/render
+
+Input: `config.products`, a JSON list of `{"id", "image": RGBA cut-out path (relative to the JSON file or
+absolute), "caption", "prompt": str or [str, ...]}` (the layout of CAIG's `tiny.json`, plus prompts).
+Output in the workdir:
+  renders/<id>_<k>.png      one image per product and prompt
+  contact_sheet.png         all renders in a grid (one row per product)
+  render_report.json / .md  settings, timings (images/s, seconds per step) and the list of files
+
+Every product image is checked before anything is rendered: a missing file, an unreadable image, an image
+without an alpha channel or with an empty alpha fails with a message naming the file.
+
+`write_tiny_sd` makes a tiny random Stable Diffusion + ControlNet in the diffusers folder layout (PyTorch
+diffusers/transformers are used only to write it): the `tiny` preset uses it when no weights are given, since
+nothing can be downloaded; its images are noise-like by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from caig_jax import parallel
+from caig_jax.render import product as product_lib
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny random SD-1.5-shaped pipeline in the diffusers folder layout.
+# ---------------------------------------------------------------------------------------------------------------
+
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),
+    norm_num_groups=8,
+)
+TINY_CONTROLNET = dict(
+    in_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),
+    norm_num_groups=8,
+    conditioning_embedding_out_channels=(8, 16, 16),  # two stride-2 stages: the VAE's scale factor 4
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(16, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=4,
+    sample_size=64,
+)
+TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+# SD-1.5's scheduler config (PNDM, as shipped): samplers are chosen at call time, like `from_config`.
+TINY_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map (what the ByteLevel pre-tokenizer emits)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def tiny_clip_tokenizer():
+    """A byte-level CLIP tokenizer with no merges (every byte is a token; `</w>` marks word ends), built offline.
+
+    Ids: 0 = <|startoftext|>, 1 = <|endoftext|> (also the pad token, as SD-1.5's), then 512 byte tokens.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _bytes_to_unicode().values():
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _randomise_zero_convs(controlnet, seed: int) -> None:
+    """ControlNet's zero convolutions start at zero; a random tiny model should exercise the residual path."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    modules = list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]
+    modules.append(controlnet.controlnet_cond_embedding.conv_out)
+    with torch.no_grad():
+        for m in modules:
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.05)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.05)
+
+
+def write_tiny_sd(folder: str, *, seed: int = 0) -> tuple[str, str]:
+    """Writes a tiny random SD + ControlNet inpainting pipeline with diffusers' `save_pretrained` into `folder`.
+
+    Layout: `model_index.json`, `unet/ vae/ text_encoder/ tokenizer/ scheduler/ controlnet/` (the scheduler
+    config is SD-1.5's PNDM json as shipped). The shapes follow SD-1.5's structure at toy sizes (64x64 images,
+    VAE scale factor 4, 16x16 latents, 32-d text). Returns (sd_path, controlnet_path) = (folder,
+    folder/controlnet). Uses PyTorch diffusers/transformers to write the files.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        PNDMScheduler,
+        StableDiffusionControlNetInpaintPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_TEXT,
+    )
+    controlnet = ControlNetModel(**TINY_CONTROLNET).eval()
+    _randomise_zero_convs(controlnet, seed + 1)
+    pipe = StableDiffusionControlNetInpaintPipeline(
+        vae=AutoencoderKL(**TINY_VAE).eval(),
+        text_encoder=CLIPTextModel(text_config).eval(),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**TINY_UNET).eval(),
+        controlnet=controlnet,
+        scheduler=PNDMScheduler.from_config(TINY_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    # SD-1.5 ships a hand-written scheduler config without defaults (e.g. no timestep_spacing); keep that.
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(TINY_SCHEDULER, f, indent=2)
+    return folder, os.path.join(folder, "controlnet")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Products: reading and checking the JSON list, or drawing a few synthetic ones.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ProductsFileError(ValueError):
+    """The products JSON is malformed (names the file and the entry)."""
+
+
+def read_products(path: str) -> list[dict[str, Any]]:
+    """Reads and checks the products JSON; loads every image (RGBA, non-empty alpha) before returning.
+
+    Returns a list of {"id": str, "image_path": str, "caption": str, "prompts": [str, ...], "rgba": uint8[H,W,4]}.
+    Image paths are relative to the JSON file's folder unless absolute.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"products file {path!r} does not exist")
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ProductsFileError(f"products file {path!r} is not valid JSON: {e}") from e
+    if not isinstance(entries, list) or not entries:
+        raise ProductsFileError(f"products file {path!r} must hold a non-empty JSON list of products")
+    base = os.path.dirname(os.path.abspath(path))
+    products, seen = [], set()
+    for i, entry in enumerate(entries):
+        where = f"{path!r} entry {i}"
+        if not isinstance(entry, dict):
+            raise ProductsFileError(f"{where}: expected an object with id, image, caption, prompt; got {entry!r}")
+        for key in ("id", "image", "prompt"):
+            if key not in entry:
+                raise ProductsFileError(f"{where}: missing key {key!r} (keys: {sorted(entry)})")
+        pid = str(entry["id"])
+        if pid in seen:
+            raise ProductsFileError(f"{where}: duplicate id {pid!r}")
+        seen.add(pid)
+        prompts = entry["prompt"]
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ProductsFileError(f"{where} (id {pid!r}): 'prompt' must be a string or a non-empty list of strings")
+        image_path = entry["image"]
+        if not isinstance(image_path, str) or not image_path:
+            raise ProductsFileError(f"{where} (id {pid!r}): 'image' must be a path string")
+        image_path = image_path if os.path.isabs(image_path) else os.path.join(base, image_path)
+        rgba = product_lib.load_product_image(image_path)  # names the file on any problem
+        products.append(
+            {"id": pid, "image_path": image_path, "caption": str(entry.get("caption", "")), "prompts": prompts,
+             "rgba": rgba}
+        )
+    return products
+
+
+def _draw_shape_product(index: int, rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """A procedurally drawn RGBA object (rounded box + disc), used when caig_jax.data.market is absent."""
+    yy, xx = np.mgrid[:size, :size] / size
+    h, w = rng.uniform(0.35, 0.8, 2)
+    box = (np.abs(yy - 0.55) < h / 2) & (np.abs(xx - 0.5) < w / 2)
+    disc = (yy - 0.55 + h / 2) ** 2 + (xx - 0.5) ** 2 < (w / 3) ** 2
+    alpha = (box | disc).astype(np.uint8) * 255
+    colour = rng.integers(30, 230, 3)
+    shade = (0.75 + 0.25 * xx)[..., None]
+    rgb = np.clip(colour * shade + 40 * disc[..., None], 0, 255).astype(np.uint8)
+    return np.concatenate([rgb, alpha[..., None]], axis=-1)
+
+
+def write_synthetic_products(folder: str, num_products: int, prompts_per_product: int, seed: int) -> str:
+    """Draws `num_products` RGBA products (caig_jax.data.market's categories if present) with prompts, writes
+    them as PNGs plus a products.json in `folder`, and returns the JSON path."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    entries = []
+    try:
+        from caig_jax.data import market
+    except ImportError:
+        market = None
+    for i in range(num_products):
+        if market is not None:
+            category = list(market.CATEGORIES)[i % len(market.CATEGORIES)]
+            item = market.make_product(i, category, seed)
+            rgba = market.product_image(item, 256)
+            pid, caption = item.id, item.title
+            prompts = [market.sample_prompt(rng, category) for _ in range(prompts_per_product)]
+        else:
+            rgba = _draw_shape_product(i, rng)
+            pid, caption = f"shape{i:03d}", f"synthetic object {i}"
+            prompts = [f"studio backdrop, soft lighting, variant {k}" for k in range(prompts_per_product)]
+        name = f"{pid}.png"
+        Image.fromarray(rgba, "RGBA").save(os.path.join(folder, name))
+        entries.append({"id": pid, "image": name, "caption": caption, "prompt": prompts})
+    path = os.path.join(folder, "products.json")
+    with open(path, "w") as f:
+        json.dump(entries, f, indent=2)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _safe_name(text: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    return keep.strip("._") or "product"
+
+
+def contact_sheet(rows: list[list[np.ndarray]], labels: list[str], pad: int = 4, label_h: int = 14) -> np.ndarray:
+    """Grid of uint8[R, R, 3] images, one row per product (ragged rows are padded white), label above each row."""
+    from PIL import ImageDraw
+
+    res = rows[0][0].shape[0]
+    cols = max(len(r) for r in rows)
+    height = len(rows) * (res + label_h + pad) + pad
+    width = cols * (res + pad) + pad
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, (images, label) in enumerate(zip(rows, labels)):
+        top = pad + r * (res + label_h + pad)
+        draw.text((pad, top), label[: max(8, width // 7)], fill=(0, 0, 0))
+        for c, image in enumerate(images):
+            sheet.paste(Image.fromarray(image), (pad + c * (res + pad), top + label_h))
+    return np.asarray(sheet)
+
+
+def _write_json_atomic(path: str, data: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_model(config: ml_collections.ConfigDict, workdir: str):
+    import caig_jax.render as render
+
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
+    if dtype is None:
+        raise ValueError(f"config.dtype={config.dtype!r}: expected 'float32' or 'bfloat16'")
+    mesh = parallel.make_mesh(dict(config.mesh))
+    sd_path = config.sd_path
+    controlnet_path = config.controlnet_path or None
+    if not sd_path:
+        if not config.tiny_random_weights:
+            raise ValueError(
+                "config.sd_path is empty: give the SD-1.5 diffusers folder (or LDM .safetensors) with "
+                "--config.sd_path=... and the ControlNet canny folder with --config.controlnet_path=..."
+            )
+        folder = os.path.join(workdir, "tiny_sd")
+        if not os.path.exists(os.path.join(folder, "model_index.json")):
+            write_tiny_sd(folder, seed=config.seed)
+        sd_path, controlnet_path = folder, os.path.join(folder, "controlnet")
+        logging.warning(
+            "No weights given (config.sd_path is empty): rendering with a TINY RANDOM Stable Diffusion written to "
+            "%s. Nothing can be downloaded here; the images are noise by construction. Use the sd15 preset with "
+            "real weights for real backgrounds.", folder,
+        )
+    renderer = render.from_pretrained(sd_path, controlnet_path=controlnet_path, dtype=dtype, mesh=mesh)
+    return renderer, sd_path, controlnet_path
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Renders every (product, prompt) of `config.products`; see the module docstring for the outputs."""
+    from tqdm import tqdm
+
+    os.makedirs(workdir, exist_ok=True)
+    # ---- products first: every input problem surfaces before any model is loaded.
+    products_path = config.products
+    if not products_path:
+        if not config.synthetic_products:
+            raise ValueError("config.products is empty: give the products JSON with --config.products=PATH")
+        products_path = write_synthetic_products(
+            os.path.join(workdir, "products"), config.num_products, config.prompts_per_product, config.seed
+        )
+        logging.info("No products file given: drew %d synthetic products into %s", config.num_products, products_path)
+    products = read_products(products_path)
+    names: dict[str, str] = {}
+    for p in products:
+        other = names.setdefault(_safe_name(p["id"]), p["id"])
+        if other != p["id"]:
+            raise ProductsFileError(f"{products_path!r}: ids {other!r} and {p['id']!r} map to the same file name")
+    work = [(p, k, prompt) for p in products for k, prompt in enumerate(p["prompts"])]
+    logging.info("%d products, %d images to render", len(products), len(work))
+
+    renderer, sd_path, controlnet_path = _resolve_model(config, workdir)
+    if renderer.controlnet is None:
+        logging.warning("No ControlNet given (config.controlnet_path is empty): inpainting without edge control")
+    out_dir = os.path.join(workdir, "renders")
+    os.makedirs(out_dir, exist_ok=True)
+
+    # ---- render in batches; the first batch includes compilation.
+    batch_size = max(1, int(config.batch_size))
+    negative = config.negative_prompt or None
+    renders: dict[tuple[str, int], np.ndarray] = {}
+    files: dict[tuple[str, int], str] = {}
+    batch_times = []
+    bar = tqdm(total=len(work), unit="img", desc="render", dynamic_ncols=True)
+    for start in range(0, len(work), batch_size):
+        chunk = work[start : start + batch_size]
+        t0 = time.perf_counter()
+        images = renderer.inpaint_product(
+            [p["rgba"] for p, _, _ in chunk],
+            [prompt for _, _, prompt in chunk],
+            steps=config.steps,
+            guidance_scale=config.guidance_scale,
+            scheduler=config.scheduler,
+            seed=config.seed + start,
+            negative_prompts=negative,
+            controlnet_scale=config.controlnet_scale,
+        )
+        batch_times.append((time.perf_counter() - t0, len(chunk)))
+        for (p, k, _), image in zip(chunk, images):
+            path = os.path.join(out_dir, f"{_safe_name(p['id'])}_{k}.png")
+            Image.fromarray(image).save(path)
+            renders[(p["id"], k)] = image
+            files[(p["id"], k)] = os.path.relpath(path, workdir)
+        if len(batch_times) > 1:  # the first batch includes compilation
+            steady = batch_times[1:]
+            bar.set_postfix(s_per_step=f"{sum(t for t, _ in steady) / len(steady) / config.steps:.3f}")
+        else:
+            bar.set_postfix(first_batch="incl. compilation")
+        bar.update(len(chunk))
+    bar.close()
+
+    # ---- contact sheet and report.
+    rows = [[renders[(p["id"], k)] for k in range(len(p["prompts"]))] for p in products]
+    labels = [f"{p['id']}: {p['caption']}" for p in products]
+    sheet_path = os.path.join(workdir, "contact_sheet.png")
+    Image.fromarray(contact_sheet(rows, labels)).save(sheet_path)
+
+    total = sum(t for t, _ in batch_times)
+    steady = batch_times[1:]
+    steady_images = sum(n for _, n in steady)
+    report = {
+        "sd_path": sd_path,
+        "controlnet_path": controlnet_path,
+        "tiny_random_weights": not config.sd_path,
+        "products_file": products_path,
+        "num_products": len(products),
+        "num_images": len(work),
+        "resolution": renderer.resolution,
+        "steps": config.steps,
+        "scheduler": config.scheduler,
+        "guidance_scale": config.guidance_scale,
+        "controlnet_scale": config.controlnet_scale,
+        "negative_prompt": config.negative_prompt,
+        "batch_size": batch_size,
+        "bucket_size": renderer.bucket_size(min(batch_size, len(work))),
+        "mesh": {k: int(v) for k, v in renderer.mesh.shape.items()},
+        "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
+        "dtype": config.dtype,
+        "seconds_total": round(total, 3),
+        "seconds_first_batch_incl_compile": round(batch_times[0][0], 3),
+        "images_per_second_steady": round(steady_images / sum(t for t, _ in steady), 4) if steady else None,
+        "seconds_per_step_steady": round(sum(t for t, _ in steady) / len(steady) / config.steps, 4) if steady else None,
+        "compilations": renderer.num_compiles,
+        "contact_sheet": os.path.relpath(sheet_path, workdir),
+        "renders": [
+            {"id": p["id"], "caption": p["caption"], "prompt": p["prompts"][k], "file": files[(p["id"], k)]}
+            for p in products
+            for k in range(len(p["prompts"]))
+        ],
+    }
+    _write_json_atomic(os.path.join(workdir, "render_report.json"), report)
+    lines = [
+        "# Render report",
+        "",
+        f"- model: `{sd_path}`" + (" (TINY RANDOM weights: noise by construction)" if not config.sd_path else ""),
+        f"- ControlNet: `{controlnet_path}`",
+        f"- {len(work)} images of {len(products)} products at {renderer.resolution}px, {config.scheduler}, "
+        f"{config.steps} steps, CFG {config.guidance_scale}, control scale {config.controlnet_scale}",
+        f"- total {total:.1f} s (first batch incl. compilation {batch_times[0][0]:.1f} s)"
+        + (f"; steady {report['images_per_second_steady']} images/s, {report['seconds_per_step_steady']} s/step"
+           if steady else ""),
+        f"- contact sheet: `{report['contact_sheet']}`",
+        "",
+        "| id | caption | prompt | file |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in report["renders"]:
+        lines.append(f"| {r['id']} | {r['caption']} | {r['prompt']} | `{r['file']}` |")
+    with open(os.path.join(workdir, "render_report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    logging.info("Wrote %d renders to %s, contact sheet %s", len(work), out_dir, sheet_path)
