@@ -25,7 +25,6 @@ JOBS = {
     "render": "caig_jax.render.job",
     "reward": "caig_jax.trainers.reward",
     "eval_sweep": "caig_jax.eval.sweep",
-    "sft": "caig_jax.trainers.sft",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file, `configs/NAME.py[:PRESET]`.", lock_config=True)

@@ -41,6 +41,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.image_size = 32  # side of each half of the left|right pair image
     c.data.random_flip = True  # swap left/right (and labels) at random while training
     c.data.train_split = "train"
+    # ctr_logs config to train on ("" = the only / default one). The marketplace also builds `market_wide`
+    # (same train items, ratio >= 1.05 with no upper bound): the tiny model learns the click model from its
+    # clearly ordered pairs; val/test always use CAIG's 1.05-1.20 pairs (`market`). See data/README.md.
+    c.data.train_config = "market_wide"
     c.data.val_split = "val"
     c.data.test_split = "test"
 
@@ -86,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif preset == "7b":
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 16, 4
         c.data.dir = "/path/to/tfds"
+        c.data.train_config = ""
         c.data.image_size = 512
         c.model.pretrained = "/path/to/llava-v1.6-vicuna-7b"
         c.model.dtype = "bfloat16"

@@ -348,7 +348,8 @@ def train_one(config, workdir: str, data_dir: str, mesh, point_weight: float):
     inputs, llava_config = build_inputs(run_config, workdir, data_dir)
     model = build_model(run_config, llava_config, mesh)
     local_batch = config.train.batch_size // jax.process_count()
-    pairs = reward_batches(reward_pair_source(data_dir, config.data.train_split), local_batch, seed=config.seed,
+    source = reward_pair_source(data_dir, config.data.train_split, config.data.train_config or None)
+    pairs = reward_batches(source, local_batch, seed=config.seed,
                            image_size=config.data.image_size, shuffle=True, random_flip=config.data.random_flip)
     data = RewardInputBatches(pairs, inputs, llava_config, config.model.max_text_len)
     trainer = Trainer(run_config, workdir, mesh, model, make_loss_fn(point_weight))
