@@ -294,13 +294,15 @@ def predict_batch(model, batch: dict, mesh) -> dict[str, np.ndarray]:
     return {"cls_logits": local_rows(cls_logits), "ctr_pred": local_rows(ctr_pred)}
 
 
-def pair_batches(config: ml_collections.ConfigDict, data_dir: str, split: str, batch_size: int) -> Iterator[dict]:
+def pair_batches(config: ml_collections.ConfigDict, data_dir: str, split: str, batch_size: int,
+                 dataset_config: str | None = None) -> Iterator[dict]:
     """One ordered pass over a split (this process's shard) as model-input batches with labels, logged and
-    true CTRs, categories and item ids. `config` is a run's config as `load_trained` returns it."""
+    true CTRs, categories and item ids. `config` is a run's config as `load_trained` returns it;
+    `dataset_config` picks a `ctr_logs` config (default: the dataset's default, CAIG's pair rule)."""
     from caig_jax.data.loader import reward_batches, reward_pair_source
 
     inputs, llava_config = build_inputs(config, config.workdir, data_dir)
-    pairs = reward_batches(reward_pair_source(data_dir, split), batch_size, seed=config.seed,
+    pairs = reward_batches(reward_pair_source(data_dir, split, dataset_config), batch_size, seed=config.seed,
                            image_size=config.data.image_size, shuffle=False, num_epochs=1, drop_remainder=False)
     return RewardInputBatches(pairs, inputs, llava_config, config.model.max_text_len, keep_meta=True)
 
@@ -366,10 +368,12 @@ def train_one(config, workdir: str, data_dir: str, mesh, point_weight: float):
     return result.model, run_config
 
 
-def evaluate_split(run_config, data_dir, split, model, mesh, predictions_path: str | None = None):
+def evaluate_split(run_config, data_dir, split, model, mesh, predictions_path: str | None = None,
+                   dataset_config: str | None = None) -> dict:
+    """Pairwise metrics (`caig_jax.eval.sweep.evaluate`) of `model` on one split of `ctr_logs`."""
     from caig_jax.eval import sweep
 
-    batches = pair_batches(run_config, data_dir, split, run_config.eval.batch_size)
+    batches = pair_batches(run_config, data_dir, split, run_config.eval.batch_size, dataset_config)
     try:
         return sweep.evaluate(model, run_config, batches, mesh, predictions_path=predictions_path)
     finally:
