@@ -58,6 +58,8 @@ PRESETS = {
                   text_tokens=128, prompt_text_tokens=32),
 }
 IMAGE_TOKEN = 32000
+# Run as a script from anywhere: make the repository importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EOS, PAD = 2, 32001
 
 

@@ -6,24 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from caig_jax.render import SD15_SCHEDULER_CONFIG
 from caig_jax.render import schedulers as S
 
 diffusers = pytest.importorskip("diffusers")
 
 TOL = 1e-5
-# SD-1.5's scheduler/scheduler_config.json (a PNDM config: no timestep_spacing key).
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
+SD15 = SD15_SCHEDULER_CONFIG  # SD-1.5's scheduler/scheduler_config.json (PNDM: no timestep_spacing key)
 CLASSES = {
     "euler_ancestral": diffusers.EulerAncestralDiscreteScheduler,
     "euler": diffusers.EulerDiscreteScheduler,

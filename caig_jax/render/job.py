@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from caig_jax import parallel
+from caig_jax.render import SD15_SCHEDULER_CONFIG
 from caig_jax.render import product as product_lib
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,19 +81,6 @@ TINY_TEXT = dict(
     hidden_act="quick_gelu",
     layer_norm_eps=1e-5,
 )
-# SD-1.5's scheduler config (PNDM, as shipped): samplers are chosen at call time, like `from_config`.
-TINY_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -170,7 +158,7 @@ def write_tiny_sd(folder: str, *, seed: int = 0) -> tuple[str, str]:
         tokenizer=tokenizer,
         unet=UNet2DConditionModel(**TINY_UNET).eval(),
         controlnet=controlnet,
-        scheduler=PNDMScheduler.from_config(TINY_SCHEDULER),
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -178,7 +166,7 @@ def write_tiny_sd(folder: str, *, seed: int = 0) -> tuple[str, str]:
     pipe.save_pretrained(folder)
     # SD-1.5 ships a hand-written scheduler config without defaults (e.g. no timestep_spacing); keep that.
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(TINY_SCHEDULER, f, indent=2)
+        json.dump(SD15_SCHEDULER_CONFIG, f, indent=2)
     return folder, os.path.join(folder, "controlnet")
 
 
