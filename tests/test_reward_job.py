@@ -114,3 +114,10 @@ def test_short_run_beats_chance_on_held_out_products(tmp_path):
     print("held-out wide pairs:", metrics["n"], metrics["accuracy"], metrics["accuracy_ci"])
     assert metrics["n"] > 500
     assert metrics["accuracy_ci"][0] > 0.5, metrics["accuracy"]
+
+
+def test_missing_train_config_names_the_option(small_market, tmp_path):
+    config = _config(small_market)
+    config.data.train_config = "no_such_config"
+    with pytest.raises(Exception, match="config.data.train_config='no_such_config'"):
+        reward.run(config, str(tmp_path))

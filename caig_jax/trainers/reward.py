@@ -337,8 +337,16 @@ def load_trained(workdir: str, mesh, step: int | None = None):
 # ================================================================================================
 def train_one(config, workdir: str, data_dir: str, mesh, point_weight: float):
     """Trains one reward model in `workdir` (resuming if it has checkpoints); returns (model, run config)."""
+    from caig_jax.data.ctr_logs import DataError
     from caig_jax.data.loader import reward_batches, reward_pair_source
 
+    try:  # first: a wrong dataset name fails before any model is built
+        source = reward_pair_source(data_dir, config.data.train_split, config.data.train_config or None)
+    except DataError as e:
+        if not config.data.train_config:
+            raise
+        raise DataError(f"{e}; config.data.train_config={config.data.train_config!r} names a ctr_logs config that "
+                        "this data dir lacks: pass --config.data.train_config='' to train on its default config") from None
     os.makedirs(workdir, exist_ok=True)
     run_config = ml_collections.ConfigDict(config.to_dict())
     run_config.loss.point_weight = point_weight
@@ -350,7 +358,6 @@ def train_one(config, workdir: str, data_dir: str, mesh, point_weight: float):
     inputs, llava_config = build_inputs(run_config, workdir, data_dir)
     model = build_model(run_config, llava_config, mesh)
     local_batch = config.train.batch_size // jax.process_count()
-    source = reward_pair_source(data_dir, config.data.train_split, config.data.train_config or None)
     pairs = reward_batches(source, local_batch, seed=config.seed,
                            image_size=config.data.image_size, shuffle=True, random_flip=config.data.random_flip)
     data = RewardInputBatches(pairs, inputs, llava_config, config.model.max_text_len)
