@@ -346,12 +346,17 @@ class LlamaForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """`float32[..., V]` logits from final hidden states (float32 accumulation whatever the dtype)."""
-        h = hidden.astype(self.dtype)
+        # One 2-D [N, D] x [D, V] dot: XLA:CPU runs the forward and backward of the vocabulary projection ~1.4x
+        # faster than the same contraction written over [B, T, D] (measured 1.9 s vs 2.8 s at T=1088, V=32064).
+        lead = hidden.shape[:-1]
+        h = hidden.astype(self.dtype).reshape(-1, hidden.shape[-1])
         if self.lm_head is None:
             table = self.embed_tokens.embedding.get_value().astype(self.dtype)
-            return jnp.einsum("...d,vd->...v", h, table, preferred_element_type=jnp.float32)
-        kernel = self.lm_head.kernel.get_value().astype(self.dtype)
-        return jnp.einsum("...d,dv->...v", h, kernel, preferred_element_type=jnp.float32)
+            out = jnp.einsum("nd,vd->nv", h, table, preferred_element_type=jnp.float32)
+        else:
+            kernel = self.lm_head.kernel.get_value().astype(self.dtype)
+            out = jnp.einsum("nd,dv->nv", h, kernel, preferred_element_type=jnp.float32)
+        return out.reshape(*lead, out.shape[-1])
 
     # -- whole model --------------------------------------------------------------------------------------
 
