@@ -35,26 +35,18 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-SD15_CONTROLNET_CONFIG = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "conditioning_embedding_out_channels": [16, 32, 96, 256],
-    "controlnet_conditioning_channel_order": "rgb",
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-}
 GUIDANCE = 7.5
 TEXT_LEN, TEXT_DIM = 77, 768
+
+
+def sd15_controlnet_config() -> dict:
+    """SD-1.5's ControlNet (lllyasviel/sd-controlnet-canny): the UNet's encoder half plus the conditioning embedding."""
+    from caig_jax.convert.diffusers import SD15_UNET_CONFIG
+
+    unet_only = ("center_input_sample", "out_channels", "sample_size", "up_block_types")
+    encoder = {k: v for k, v in SD15_UNET_CONFIG.items() if k not in unet_only}
+    return encoder | {"conditioning_embedding_out_channels": [16, 32, 96, 256],
+                      "controlnet_conditioning_channel_order": "rgb"}
 
 
 def cores() -> int:
@@ -95,7 +87,7 @@ def run_jax(size: int, steps: int, repeats: int) -> dict:
     t0 = time.perf_counter()
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     unet = parallel.sharded_init(lambda: UNet2DConditionModel(SD15_UNET_CONFIG, rngs=nnx.Rngs(0)), mesh)
-    controlnet = parallel.sharded_init(lambda: ControlNetModel(SD15_CONTROLNET_CONFIG, rngs=nnx.Rngs(1)), mesh)
+    controlnet = parallel.sharded_init(lambda: ControlNetModel(sd15_controlnet_config(), rngs=nnx.Rngs(1)), mesh)
     unet_def, unet_state = nnx.split(unet)
     cn_def, cn_state = nnx.split(controlnet)
     build_s = time.perf_counter() - t0
@@ -157,7 +149,7 @@ def run_torch(size: int, steps: int, repeats: int) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
-    controlnet = ControlNetModel(**SD15_CONTROLNET_CONFIG).eval()
+    controlnet = ControlNetModel(**sd15_controlnet_config()).eval()
     build_s = time.perf_counter() - t0
     params = sum(p.numel() for p in unet.parameters()) + sum(p.numel() for p in controlnet.parameters())
     scheduler = EulerAncestralDiscreteScheduler.from_config({
