@@ -11,8 +11,9 @@ oracle.json), `tfds/` (array_record datasets `ctr_logs/market`, `llava_conversat
 `products/market`) and `market_report.{json,md}`. Re-running on the same workdir reuses what is done; an
 interrupted run resumes and produces the same data.
 
-Presets (`:ARG`): `tiny` (400 products, 64 px ads, 64 px pair halves: what the reward job's tiny preset
-trains on) and `full` (3000 products, 512 px ads and pairs, the paper's resolution; a few CPU-minutes per
+Presets (`:ARG`): `tiny` (400 products, 64 px ads, 64 px pair halves), `reward` (the same world with 1200
+products, simulated in 2 processes, about 65 s: what the reward job's tiny preset builds and trains on) and
+`full` (3000 products, 512 px ads and pairs, the paper's resolution; a few CPU-minutes per
 1000 products, set `--config.market.num_workers=N` to use N processes).
 
 Load the reward pairs for training:
@@ -23,7 +24,7 @@ Load the reward pairs for training:
 
 import ml_collections
 
-PRESETS = ("tiny", "full")
+PRESETS = ("tiny", "reward", "full")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -76,6 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if preset == "tiny":
         pass
+    elif preset == "reward":
+        c.market.num_products = 1200
+        c.market.num_workers = 2
     elif preset == "full":
         c.train_pairs.enabled = False
         c.market.num_products = 3000
@@ -87,6 +91,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.pairs.image_size = 512
         c.pairs.image_format = "jpeg"  # 512x1024 pairs: JPEG keeps the dataset small
     else:
-        raise ValueError(f"configs/market.py: unknown preset {preset!r}; choose 'tiny' or 'full'")
+        raise ValueError(f"configs/market.py: unknown preset {preset!r}; choose 'tiny', 'reward' or 'full'")
     c.lock()
     return c

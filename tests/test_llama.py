@@ -95,6 +95,29 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path_factory):
     assert rel_err(got, full, mask) < TOL
 
 
+def test_query_index_computes_only_those_rows_of_the_last_layer(tmp_path_factory):
+    """decode(query_index=...) (what the reward head uses) equals the full decode read at those rows."""
+    _, folder = _save(tmp_path_factory, "rows")
+    model = load_llama(folder)
+    ids, mask = _batch()
+    mask[0, 9:] = 0  # row 0 right padded, row 1 left padded
+    pos = positions_from_mask(jnp.asarray(mask))
+    rows = jnp.asarray([[8, 3], [11, 6]], jnp.int32)
+
+    @nnx.jit
+    def both(m, ids, mask, rows):
+        full, _ = m.decode(m.embed(ids), positions=pos, kv_mask=mask)
+        some, _ = m.decode(m.embed(ids), positions=pos, kv_mask=mask, query_index=rows)
+        return full, some
+
+    full, some = both(model, jnp.asarray(ids), jnp.asarray(mask), rows)
+    assert some.shape == (2, 2, full.shape[-1])
+    want = np.take_along_axis(np.asarray(full), np.asarray(rows)[:, :, None], axis=1)
+    assert rel_err(np.asarray(some), want) < TOL
+    with pytest.raises(ValueError, match="query_index"):
+        model.decode(model.embed(ids), positions=pos, kv_mask=mask, query_index=rows, cache=model.init_cache(2, 12))
+
+
 def test_bf16_compute_keeps_float32_params_and_logits(tmp_path_factory):
     _, folder = _save(tmp_path_factory, "bf16")
     model = load_llama(folder, dtype=jnp.bfloat16)

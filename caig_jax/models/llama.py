@@ -234,13 +234,20 @@ class LlamaAttention(nnx.Module):
         self.v_proj = layers.linear(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"), **kw)
         self.o_proj = layers.linear(c.num_attention_heads * c.head_dim, c.hidden_size, ("heads", "embed"), **kw)
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
-        """x `[B, T, D]`; returns (`[B, T, D]`, updated `(k, v)` cache or None)."""
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None, query_index=None):
+        """x `[B, T, D]`; returns (`[B, T, D]`, updated `(k, v)` cache or None).
+
+        `query_index` (`int32[B, Q]`, no cache): only those positions query (keys and values are still every
+        position); the output is `[B, Q, D]`."""
         batch, length, _ = x.shape
-        q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if query_index is not None:
+            x, cos, sin = (jnp.take_along_axis(a, query_index[:, :, None], axis=1) for a in (x, cos, sin))
+            mask = jnp.take_along_axis(mask, query_index[:, :, None], axis=1)
+        q = self.q_proj(x).reshape(batch, x.shape[1], self.num_heads, self.head_dim)
+        q = apply_rope(q, cos, sin)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
             k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
@@ -271,8 +278,10 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
         self.mlp = LlamaMLP(config, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
-        attn, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_index)
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None, query_index=None):
+        attn, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_index, query_index)
+        if query_index is not None:
+            x = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv_cache
@@ -320,6 +329,7 @@ class LlamaForCausalLM(nnx.Module):
         kv_mask: jax.Array | None = None,
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
+        query_index: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the decoder stack; returns (final-normed hidden states `[B, T, D]`, updated cache or None).
 
@@ -328,7 +338,12 @@ class LlamaForCausalLM(nnx.Module):
         With a cache (`init_cache`), the T new tokens are written at slots `cache_index ... cache_index+T-1` and
         attend to every cache slot `s <= their own slot` with `kv_mask[b, s]` true (`kv_mask` is `[B, S]`, the
         caller marks the slots it has filled).
+        With `query_index` (`int32[B, Q]`, no cache) the result is `[B, Q, D]`, the hidden states of those
+        positions only: the last layer computes just their rows (a reward head reading one token per
+        sequence skips most of the last layer), earlier layers still every position (they are its keys).
         """
+        if query_index is not None and cache is not None:
+            raise ValueError("decode: query_index is for cache-free calls (a reward head); pass one or the other")
         batch, length, _ = inputs_embeds.shape
         key_len = length if cache is None else cache[0][0].shape[1]
         if kv_mask is None:
@@ -339,8 +354,10 @@ class LlamaForCausalLM(nnx.Module):
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
         x = inputs_embeds.astype(self.dtype)
         new_cache = []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            rows = query_index if i == last else None
+            x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index, rows)
             new_cache.append(kv)
         return self.norm(x), (None if cache is None else tuple(new_cache))
 

@@ -412,14 +412,14 @@ class LlavaModel(nnx.Module):
 
     # -- forward -----------------------------------------------------------------------------------------
 
-    def _hidden(self, input_ids, pixel_values, image_sizes, attention_mask, image_layout):
+    def _hidden(self, input_ids, pixel_values, image_sizes, attention_mask, image_layout, query_index=None):
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         attention_mask = jnp.asarray(attention_mask)
         embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_layout=image_layout)
         hidden, _ = self.language_model.decode(
-            embeds, positions=positions_from_mask(attention_mask), kv_mask=attention_mask
+            embeds, positions=positions_from_mask(attention_mask), kv_mask=attention_mask, query_index=query_index
         )
         return hidden
 
@@ -439,6 +439,13 @@ class LlavaModel(nnx.Module):
     def _hidden_impl(self, input_ids, pixel_values, image_sizes, attention_mask, image_layout):
         return self._hidden(input_ids, pixel_values, image_sizes, attention_mask, image_layout).astype(jnp.float32)
 
+    def _last_hidden_impl(self, input_ids, pixel_values, image_sizes, attention_mask, image_layout):
+        if attention_mask is None:
+            attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
+        last = last_non_pad_index(attention_mask)[:, None]
+        hidden = self._hidden(input_ids, pixel_values, image_sizes, attention_mask, image_layout, query_index=last)
+        return hidden[:, 0].astype(jnp.float32)
+
     def _logprobs_impl(self, input_ids, pixel_values, image_sizes, attention_mask, image_layout):
         logits = self._logits_impl(input_ids, pixel_values, image_sizes, attention_mask, image_layout)
         ids = jnp.asarray(input_ids, jnp.int32)
@@ -453,9 +460,21 @@ class LlavaModel(nnx.Module):
         """Final-normed last-layer hidden states `float32[B, T, D]` (the input of the LM head)."""
         return self._dispatch("_hidden_impl", input_ids, pixel_values, image_sizes, attention_mask, image_layout)
 
+    def last_hidden_state(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, *, image_layout=None):
+        """`float32[B, D]`: the final-normed hidden state at each row's last non-pad token (what a reward head
+        reads), computing only that row of the last layer."""
+        return self._dispatch("_last_hidden_impl", input_ids, pixel_values, image_sizes, attention_mask, image_layout)
+
     def token_logprobs(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, *, image_layout=None):
         """`float32[B, T]`: entry t is log p(input_ids[:, t] | input_ids[:, :t], image); entry 0 is 0."""
         return self._dispatch("_logprobs_impl", input_ids, pixel_values, image_sizes, attention_mask, image_layout)
+
+
+def last_non_pad_index(attention_mask: jax.Array) -> jax.Array:
+    """int32[B]: position of the last token with mask 1 (right padding: len-1; left padding: T-1)."""
+    mask = jnp.asarray(attention_mask, jnp.int32)
+    length = mask.shape[1]
+    return (length - 1 - jnp.argmax(mask[:, ::-1], axis=1)).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

@@ -20,7 +20,7 @@ from flax import nnx
 
 from caig_jax import parallel
 from caig_jax.models import layers
-from caig_jax.models.llava import LlavaConfig, LlavaModel
+from caig_jax.models.llava import LlavaConfig, LlavaModel, last_non_pad_index  # noqa: F401 (re-exported)
 
 # Our head name -> the checkpoint key prefix CAIG's released reward model uses.
 HEAD_KEYS = {"cls": "score.", "ctr": "sku_ctr_linear_fc."}
@@ -42,13 +42,6 @@ def reward_prompt(caption: str | None = None, attributes: str | dict | None = No
             attributes = "; ".join(f"{k}: {v}" for k, v in attributes.items())
         lines.append(f"Product attributes: {attributes}")
     return "\n".join(lines)
-
-
-def last_non_pad_index(attention_mask: jax.Array) -> jax.Array:
-    """int32[B]: position of the last token with mask 1 (right padding: len-1; left padding: T-1)."""
-    mask = jnp.asarray(attention_mask, jnp.int32)
-    length = mask.shape[1]
-    return (length - 1 - jnp.argmax(mask[:, ::-1], axis=1)).astype(jnp.int32)
 
 
 class RewardModel(nnx.Module):
@@ -73,14 +66,9 @@ class RewardModel(nnx.Module):
 
     def __call__(self, input_ids, pixel_values, image_sizes=None, attention_mask=None, *, image_layout=None):
         """Inputs as `LlavaModel.__call__`. Returns (cls_logits float32[B, 2], ctr_pred float32[B, 2])."""
-        input_ids = jnp.asarray(input_ids, jnp.int32)
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        hidden = self.backbone.hidden_states(
+        h = self.backbone.last_hidden_state(
             input_ids, pixel_values, image_sizes, attention_mask, image_layout=image_layout
-        )  # [B, T, D] float32, final-normed
-        last = last_non_pad_index(attention_mask)
-        h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        )  # [B, D] float32, final-normed, at the last non-pad token
         return self.cls(h), self.ctr(h)
 
 
