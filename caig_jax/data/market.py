@@ -66,7 +66,7 @@ are log-normal (`impressions_median`, `impressions_sigma`) except a fraction `lo
 drawn in [100, 1000) so the impressions > 1000 rule has work to do; clicks ~ Binomial(impressions, CTR),
 spread over 1-3 daily rows, written in the CreativeRanking layout. The label noise of the logs, and so
 the *oracle accuracy* (how often the logged label agrees with the true CTR order on the pairs kept by
-CAIG's rule), is set by the impressions: about 0.7-0.8 with the presets.
+CAIG's rule), is set by the impressions and the CTR spread inside a product: about 0.7 with the presets.
 
 Pre-training conversations (LLaVA JSON), three task families:
 `describe_product` (product cut-out -> description), `describe_background` (composed ad -> background
