@@ -697,7 +697,6 @@ def compose_ad(product_rgba: np.ndarray, prompt: str, size: int = 512, seed: int
     return product_lib.paste_product(paint_background(prompt, size, seed), placed)
 
 
-LOOK = ("luma", "warmth", "green")  # the background's colour "look": what the click model reads
 APPEAL_SCALE = 0.12  # look distance (along a category's direction) that moves appeal by tanh(1)
 APPEAL_GAIN = 0.9  # log-odds per unit of appeal (appeal is in (-1, 1))
 CTR_RANGE = (0.003, 0.12)

@@ -412,12 +412,15 @@ class LlavaModel(nnx.Module):
 
     # -- forward -----------------------------------------------------------------------------------------
 
-    def _hidden(self, input_ids, pixel_values, image_sizes, attention_mask, image_layout, query_index=None):
+    def _hidden(self, input_ids, pixel_values, image_sizes, attention_mask, image_layout, last_token_only=False):
+        """`[B, T, D]` final hidden states, or `[B, 1, D]` at each row's last non-pad token (`last_token_only`:
+        the last layer then computes only that row)."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         attention_mask = jnp.asarray(attention_mask)
         embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_layout=image_layout)
+        query_index = last_non_pad_index(attention_mask)[:, None] if last_token_only else None
         hidden, _ = self.language_model.decode(
             embeds, positions=positions_from_mask(attention_mask), kv_mask=attention_mask, query_index=query_index
         )
@@ -440,10 +443,7 @@ class LlavaModel(nnx.Module):
         return self._hidden(input_ids, pixel_values, image_sizes, attention_mask, image_layout).astype(jnp.float32)
 
     def _last_hidden_impl(self, input_ids, pixel_values, image_sizes, attention_mask, image_layout):
-        if attention_mask is None:
-            attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
-        last = last_non_pad_index(attention_mask)[:, None]
-        hidden = self._hidden(input_ids, pixel_values, image_sizes, attention_mask, image_layout, query_index=last)
+        hidden = self._hidden(input_ids, pixel_values, image_sizes, attention_mask, image_layout, last_token_only=True)
         return hidden[:, 0].astype(jnp.float32)
 
     def _logprobs_impl(self, input_ids, pixel_values, image_sizes, attention_mask, image_layout):
