@@ -79,6 +79,8 @@ def test_rerun_resumes_and_sweep_interface_restores_the_model(trained, small_mar
 
     mesh = parallel.make_mesh({"data": 8})
     model, config = reward.load_trained(workdir, mesh)
+    # the tiny decoder's RoPE base comes from the run's config (not Llama's default 10000)
+    assert model.backbone.config.text_config.rope_theta == config.model.tiny.rope_theta == 30.0
     batches = reward.pair_batches(config, small_market, "test", 32)
     batch = next(iter(batches))
     out = reward.predict_batch(model, batch, mesh)

@@ -94,7 +94,7 @@ def tiny_llava_config(config: ml_collections.ConfigDict, vocab_size: int, image_
         text_config=LlamaConfig(
             vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
             num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
-            max_position_embeddings=1024, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+            max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=m.rope_theta, bos_token_id=1, eos_token_id=2,
         ),
         vision_config=CLIPVisionConfig(
             hidden_size=m.vision_hidden_size, intermediate_size=2 * m.vision_hidden_size,
