@@ -48,6 +48,18 @@ def _batch():
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(tmp_path_factory, case):
+    _check_logits_match_transformers(tmp_path_factory, case)
+
+
+def test_logits_match_transformers_with_attention_in_query_blocks(tmp_path_factory, monkeypatch):
+    """The model path of `causal_attention`'s blocks (used from 128 tokens on) on the 12-token batch."""
+    from caig_jax.models import llama
+
+    monkeypatch.setattr(llama, "_CAUSAL_MIN_LENGTH", 0)
+    _check_logits_match_transformers(tmp_path_factory, "gqa_untied")
+
+
+def _check_logits_match_transformers(tmp_path_factory, case):
     ref_model, folder = _save(tmp_path_factory, case, **CASES[case])
     ours = load_llama(folder)
     assert (ours.lm_head is None) == bool(CASES[case].get("tie_word_embeddings"))
@@ -108,7 +120,7 @@ def test_causal_attention_in_query_blocks_equals_the_full_attention(length, num_
     real[2, -(length // 4) - 1:] = False  # right padding
     mask = jnp.asarray(np.tril(np.ones((length, length), bool))[None] & real[:, None, :])
     full = np.asarray(grouped_query_attention(q, k, v, mask))
-    got = np.asarray(causal_attention(q, k, v, mask, num_blocks=num_blocks))
+    got = np.asarray(causal_attention(q, k, v, mask, num_blocks=num_blocks, min_length=0))
     visible = np.asarray(mask).any(-1)  # rows with no visible key (left pads) are ignored by every caller
     assert got.shape == full.shape
     np.testing.assert_allclose(got[visible], full[visible], rtol=1e-5, atol=1e-6)
