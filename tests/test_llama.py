@@ -9,7 +9,7 @@ from flax import nnx
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from caig_jax.convert.llava import load_llama
-from caig_jax.models.llama import causal_attention, grouped_query_attention, positions_from_mask
+from caig_jax.models.llama import positions_from_mask
 from tests._llava_fixtures import TEXT, TOL, rel_err
 
 CASES = {
@@ -48,18 +48,6 @@ def _batch():
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(tmp_path_factory, case):
-    _check_logits_match_transformers(tmp_path_factory, case)
-
-
-def test_logits_match_transformers_with_attention_in_query_blocks(tmp_path_factory, monkeypatch):
-    """The model path of `causal_attention`'s blocks (used from 128 tokens on) on the 12-token batch."""
-    from caig_jax.models import llama
-
-    monkeypatch.setattr(llama, "_CAUSAL_MIN_LENGTH", 0)
-    _check_logits_match_transformers(tmp_path_factory, "gqa_untied")
-
-
-def _check_logits_match_transformers(tmp_path_factory, case):
     ref_model, folder = _save(tmp_path_factory, case, **CASES[case])
     ours = load_llama(folder)
     assert (ours.lm_head is None) == bool(CASES[case].get("tie_word_embeddings"))
@@ -105,25 +93,6 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path_factory):
         outs.append(logits)
     got = np.concatenate([np.asarray(o) for o in outs], axis=1)
     assert rel_err(got, full, mask) < TOL
-
-
-@pytest.mark.parametrize("length,num_blocks", [(37, 8), (16, 4), (5, 8)])
-def test_causal_attention_in_query_blocks_equals_the_full_attention(length, num_blocks):
-    """Blocked causal attention (each query block reads keys up to its last row) vs one full softmax, with
-    left and right padding and a length that the blocks do not divide."""
-    rng = np.random.default_rng(length)
-    batch, heads, kv_heads, dim = 3, 4, 2, 8
-    q = jnp.asarray(rng.standard_normal((batch, length, heads, dim)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((batch, length, kv_heads, dim)), jnp.float32) for _ in range(2))
-    real = np.ones((batch, length), bool)
-    real[1, : length // 3] = False  # left padding
-    real[2, -(length // 4) - 1:] = False  # right padding
-    mask = jnp.asarray(np.tril(np.ones((length, length), bool))[None] & real[:, None, :])
-    full = np.asarray(grouped_query_attention(q, k, v, mask))
-    got = np.asarray(causal_attention(q, k, v, mask, num_blocks=num_blocks, min_length=0))
-    visible = np.asarray(mask).any(-1)  # rows with no visible key (left pads) are ignored by every caller
-    assert got.shape == full.shape
-    np.testing.assert_allclose(got[visible], full[visible], rtol=1e-5, atol=1e-6)
 
 
 def test_query_index_computes_only_those_rows_of_the_last_layer(tmp_path_factory):
