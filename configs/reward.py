@@ -15,8 +15,8 @@ Measured on 2 cores: 7 min 54 s; accuracy 0.640 [0.616, 0.663] on 1621 held-out 
 
 Presets (`:ARG`):
 - `tiny`: a randomly initialised tiny LLaVA-NeXT (2 decoder layers of width 64 with RoPE base 30, a 2-layer CLIP
-  tower on 32 px tiles) trained from scratch on 32x64 pair images of a 1200-product marketplace (`configs/market.py:reward`);
-  a word-level tokenizer is built from the data into `<workdir>/tokenizer`.
+  tower on 32 px tiles) trained from scratch on 32x64 pair images of a 1200-product marketplace
+  (`configs/market.py:reward`); a word-level tokenizer is built from the data into `<workdir>/tokenizer`.
 - `7b`: LLaVA-v1.6-Vicuna-7B on a TPU pod slice: set `--config.model.pretrained=/path/to/llava-v1.6-vicuna-7b`
   (transformers or original-LLaVA layout; heads are loaded if present, else initialised) and
   `--config.data.dir=/path/to/tfds` (your `ctr_logs` dataset). bf16 compute with fp32 master weights, frozen

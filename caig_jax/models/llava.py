@@ -460,7 +460,9 @@ class LlavaModel(nnx.Module):
         """Final-normed last-layer hidden states `float32[B, T, D]` (the input of the LM head)."""
         return self._dispatch("_hidden_impl", input_ids, pixel_values, image_sizes, attention_mask, image_layout)
 
-    def last_hidden_state(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, *, image_layout=None):
+    def last_hidden_state(
+        self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, *, image_layout=None
+    ):
         """`float32[B, D]`: the final-normed hidden state at each row's last non-pad token (what a reward head
         reads), computing only that row of the last layer."""
         return self._dispatch("_last_hidden_impl", input_ids, pixel_values, image_sizes, attention_mask, image_layout)
