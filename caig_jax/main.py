@@ -87,6 +87,7 @@ def main(argv: list[str]) -> None:
 
     from caig_jax import parallel
 
+    parallel.set_cpu_devices(config.get("cpu_devices", 0))
     parallel.maybe_initialize_distributed()
     quiet_library_logs()
     job = importlib.import_module(JOBS[config.job])

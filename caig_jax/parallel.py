@@ -267,6 +267,24 @@ def pad_to_multiple(batch: Any, multiple: int) -> tuple[Any, int]:
     return jax.tree.map(pad, batch), n
 
 
+def set_cpu_devices(count: int) -> None:
+    """Splits the host CPU into `count` XLA devices (0 or 1: leave it as one), before any device is used.
+
+    Why: XLA's CPU backend runs most fused elementwise and reduction ops (softmax, masks, norms) on one
+    thread, so one CPU device leaves cores idle; with the batch sharded over several CPU devices (the mesh's
+    `data` axis) their programs run side by side. Measured on 2 cores, the tiny reward step: 1 device 0.157 s,
+    4 devices 0.093 s (8: slower again). Only the CPU backend is affected: on TPU/GPU hosts the mesh is built
+    from the accelerators and this does nothing visible.
+    """
+    if count is None or int(count) <= 1:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", int(count))
+    except RuntimeError as e:
+        raise RuntimeError(f"cpu_devices={count}: JAX's CPU backend was already initialised ({e}); set it before "
+                           "any JAX computation, e.g. through the job config's `cpu_devices`") from None
+
+
 def maybe_initialize_distributed() -> bool:
     """Calls `jax.distributed.initialize()` when this process is one of several.
 

@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.job = "eval_sweep"
     c.seed = 0  # evaluation is ordered (no shuffling); kept for the shared config layout
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.cpu_devices = 0  # on a CPU host: split it into this many XLA devices (see configs/reward.py); 0: one
     c.checkpoints = "runs/reward_*,runs/reward_*/ablation_*"  # training workdirs / globs, comma-separated
     c.steps = "latest"  # which checkpoint steps of each workdir: latest | all | comma-separated steps
     c.eval_sets = "test=self:test,val=self:val"  # NAME=DATA_DIR:SPLIT, comma-separated

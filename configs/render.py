@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.job = "render"
     c.seed = 0
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.cpu_devices = 0  # on a CPU host: split it into this many XLA devices (see configs/reward.py); 0: one
     # Model: a diffusers SD folder or LDM single file, and a ControlNet folder ("" = none).
     c.sd_path = ""
     c.controlnet_path = ""

@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.job = "smoke"
     c.seed = 0
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.cpu_devices = 0  # on a CPU host: split it into this many XLA devices (see configs/reward.py); 0: one
     c.model = ml_collections.ConfigDict()
     c.model.d_in = 16
     c.model.d_out = 4

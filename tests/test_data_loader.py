@@ -47,6 +47,36 @@ def test_batch_keys_shapes_dtypes(source):
     assert full["image"].shape == (8, SIZE, 2 * SIZE, 3)
 
 
+def test_in_memory_source_gives_the_same_batches_and_reads_each_example_once(source):
+    """Batches from `InMemoryPairSource` equal the plain source's (resize, flips, labels); a second pass over it
+    (another epoch, another run) reads nothing from the dataset; cached arrays cannot be modified."""
+
+    class Counting:
+        def __init__(self, src):
+            self.src, self.reads = src, 0
+
+        def __len__(self):
+            return len(self.src)
+
+        def __getitem__(self, i):
+            self.reads += 1
+            return self.src[i]
+
+    counting = Counting(source)
+    cached = loader.InMemoryPairSource(counting, image_size=12)
+    n = -(-len(source) // 8)  # one epoch
+    for plain, mem in zip(_batches(source, n, image_size=12, random_flip=True, seed=4),
+                          _batches(cached, n, image_size=12, random_flip=True, seed=4)):
+        for key in plain:
+            np.testing.assert_array_equal(np.asarray(plain[key]), np.asarray(mem[key]), err_msg=key)
+    first = counting.reads
+    assert len(source) <= first
+    _batches(cached, n, image_size=12, random_flip=True, seed=5)
+    assert counting.reads == first
+    with pytest.raises(ValueError, match="read-only"):
+        cached[0]["image"][0, 0, 0] = 0
+
+
 def test_deterministic_and_seeded(source):
     a, b, c = _batches(source, 3, seed=1), _batches(source, 3, seed=1), _batches(source, 3, seed=2)
     for x, y in zip(a, b):

@@ -97,3 +97,27 @@ def test_distributed_not_initialised_without_environment(monkeypatch):
     for var in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "CAIG_DISTRIBUTED"):
         monkeypatch.delenv(var, raising=False)
     assert parallel.maybe_initialize_distributed() is False
+
+
+def test_set_cpu_devices_splits_the_host_before_first_use():
+    """`cpu_devices` in a job config becomes that many CPU devices; too late (backend in use) is one clear error."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from caig_jax import parallel\n"
+        "parallel.set_cpu_devices(3)\n"
+        "print('devices', jax.device_count(), dict(parallel.make_mesh({'data': -1}).shape)['data'])\n"
+        "try:\n"
+        "    parallel.set_cpu_devices(2)\n"
+        "except RuntimeError as e:\n"
+        "    print('error', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120,
+                         env={**env, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "devices 3 3" in out.stdout
+    assert "error cpu_devices=2: JAX's CPU backend was already initialised" in out.stdout

@@ -506,6 +506,30 @@ def test_llava_next_batch_matches_transformers_processor(tokenizer, images, padd
             assert not (ours["loss_mask"] & (1 - ours["attention_mask"])).any()
 
 
+def test_llava_inputs_tokenise_each_conversation_once(tokenizer, images):
+    """Repeated conversations come from the tokenisation cache, identical to a fresh processor's, whatever the
+    padding side or truncation of the later batches."""
+    from transformers import LlavaNextConfig
+
+    config = LlavaNextConfig(image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    make = lambda: pr.LlavaInputs(tokenizer, ip.ImageProcessor(ip.ImageProcessorConfig(kind="llava_next")), config)
+    judge = [{"role": "user", "content": "<image>\nJudge whether the left or the right picture is more attractive."}]
+    pics = [images["rm_pair_512x1024"], images["rm_pair_512x1024"], images["scene_tall_1800x560"]]
+    convs = [judge, judge, [{"role": "user", "content": "Describe the background."}]]
+    inputs = make()
+    longest = inputs(pics, convs)["input_ids"].shape[1]
+    calls = [dict(padding_side="right"), dict(padding_side="left"),
+             dict(padding_side="right", max_len=longest - 2, truncation=True)]
+    for kwargs in calls:
+        ours, fresh = inputs(pics, convs, **kwargs), make()(pics, convs, **kwargs)
+        assert ours.keys() == fresh.keys()
+        for key in ours:
+            np.testing.assert_array_equal(ours[key], fresh[key], err_msg=f"{key} with {kwargs}")
+    info = inputs._tokenize.cache_info()
+    # 2 distinct (conversation, image token count) pairs untruncated + 2 truncated; everything else is a hit.
+    assert (info.misses, info.hits) == (4, 8), info
+
+
 def test_llava15_batch_matches_transformers_processor(tokenizer, images):
     from transformers import LlavaConfig, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil

@@ -335,18 +335,29 @@ def load_trained(workdir: str, mesh, step: int | None = None):
 # ================================================================================================
 # The job.
 # ================================================================================================
-def train_one(config, workdir: str, data_dir: str, mesh, point_weight: float):
-    """Trains one reward model in `workdir` (resuming if it has checkpoints); returns (model, run config)."""
+def train_source(config, data_dir: str):
+    """The training pairs (`config.data.train_split` of `config.data.train_config`), kept in memory after their
+    first read when `config.data.cache_train_examples`."""
     from caig_jax.data.ctr_logs import DataError
-    from caig_jax.data.loader import reward_batches, reward_pair_source
+    from caig_jax.data.loader import InMemoryPairSource, reward_pair_source
 
-    try:  # first: a wrong dataset name fails before any model is built
+    try:
         source = reward_pair_source(data_dir, config.data.train_split, config.data.train_config or None)
     except DataError as e:
         if not config.data.train_config:
             raise
         raise DataError(f"{e}; config.data.train_config={config.data.train_config!r} names a ctr_logs config that "
                         "this data dir lacks: pass --config.data.train_config='' to train on its default config") from None
+    return InMemoryPairSource(source, config.data.image_size) if config.data.cache_train_examples else source
+
+
+def train_one(config, workdir: str, data_dir: str, mesh, point_weight: float, source=None):
+    """Trains one reward model in `workdir` (resuming if it has checkpoints); returns (model, run config).
+    `source`: the training pairs (default `train_source(config, data_dir)`); runs on the same data share one."""
+    from caig_jax.data.loader import reward_batches
+
+    if source is None:  # first: a wrong dataset name fails before any model is built
+        source = train_source(config, data_dir)
     os.makedirs(workdir, exist_ok=True)
     run_config = ml_collections.ConfigDict(config.to_dict())
     run_config.loss.point_weight = point_weight
@@ -397,9 +408,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     runs = [(f"point_weight={config.loss.point_weight}", workdir, config.loss.point_weight)]
     runs += [(f"point_weight={w}", os.path.join(workdir, f"ablation_point_weight_{w}"), w)
              for w in config.ablation_point_weights if w != config.loss.point_weight]
+    source = train_source(config, data_dir)
     for name, run_dir, weight in runs:
         log.info("training %s in %s", name, run_dir)
-        model, run_config = train_one(config, run_dir, data_dir, mesh, weight)
+        model, run_config = train_one(config, run_dir, data_dir, mesh, weight, source)
         results[name] = evaluate_split(run_config, data_dir, config.data.test_split, model, mesh)
     main = results[runs[0][0]]
     if jax.process_index() == 0:
