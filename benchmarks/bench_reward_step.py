@@ -1,6 +1,6 @@
 """Tiny reward-model training step on this CPU: caig_jax on 1, 2, 4, 8 CPU XLA devices vs transformers (PyTorch).
 
-Command (from the repository root; about 3 minutes on 2 cores):
+Command (from the repository root; about 2 minutes on 2 cores):
     /work/venv/bin/python benchmarks/bench_reward_step.py [--devices 1,2,4,8] [--steps 40] [--json out.json]
 
 What it does: builds a random transformers `LlavaNextForConditionalGeneration` with the shapes of
@@ -115,7 +115,7 @@ def time_torch(model, heads, batch, steps: int) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        return float(loss)
+        return loss.item()
 
     first_loss = step()
     for _ in range(WARMUP - 1):
