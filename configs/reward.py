@@ -1,17 +1,17 @@
 """Reward job: CAIG's pairwise CTR reward model (LLaVA-NeXT + cls/ctr heads, CE + 0.5 * MSE).
 
-Run (CPU, tiny: under 10 minutes on 2 cores, marketplace included):
+Run (CPU, tiny: 8-10 minutes on 2 cores, marketplace included):
     python -m caig_jax.main --config=configs/reward.py:tiny --workdir=runs/reward_tiny
 
 Expect: the synthetic marketplace built into `<workdir>/market/` (first run only), a progress bar with
-steps/s and examples/s while the loss falls from ~0.69, a second short run for the `point_weight=0`
-ablation, then a summary printing the held-out accuracy with its 95% CI next to the oracle accuracy, and
-`target_met: true` when accuracy - 0.5 >= 0.8 * (oracle - 0.5). Read `<workdir>/report.md` (overall and
+steps/s and examples/s while the loss falls from ~0.69, a second run of the same length for the
+`point_weight=0` ablation, then a summary printing the held-out accuracy with its 95% CI next to the oracle
+accuracy, and `target_met: true` when accuracy - 0.5 >= 0.8 * (oracle - 0.5). Read `<workdir>/report.md` (overall and
 per-category accuracy, CTR head ordering accuracy and correlation, calibration plot, margin vs true CTR
 difference, the ablation table) and `tensorboard --logdir <workdir>`.
 
-Measured on 2 cores: 8 min 24 s (10 min 4 s when the shared machine was busy); accuracy 0.659 [0.636, 0.682] on 1621 held-out pairs vs oracle 0.693 (bar
-0.655): target met (see the README).
+Measured on 2 cores: 8 min 24 s (10 min 4 s when the shared machine was busy); accuracy 0.659 [0.636, 0.682]
+on 1621 held-out pairs vs oracle 0.693 (bar 0.655): target met (see the README).
 
 Presets (`:ARG`):
 - `tiny`: a randomly initialised tiny LLaVA-NeXT (2 decoder layers of width 64 with RoPE base 30, a 2-layer CLIP

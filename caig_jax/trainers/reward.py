@@ -56,6 +56,9 @@ def ensure_data(config: ml_collections.ConfigDict, workdir: str) -> str:
         from caig_jax.data import market_job
         market_config = load_config(f"configs/market.py:{config.data.market_preset}")
         market_config.seed = config.seed
+        # Only the CTR-log datasets this job reads (the SFT ones took 14 s of the 10-minute budget; the market
+        # job builds them from the same market/ folder).
+        market_config.build.datasets = ("ctr_logs",)
         log.info("no data in %s: building the synthetic marketplace (%s preset)", world, config.data.market_preset)
         if jax.process_index() == 0:
             market_job.build_world(market_config, world, verbose=False)
