@@ -122,3 +122,11 @@ def test_missing_train_config_names_the_option(small_market, tmp_path):
     config.data.train_config = "no_such_config"
     with pytest.raises(Exception, match="config.data.train_config='no_such_config'"):
         reward.run(config, str(tmp_path))
+
+
+def test_ablation_run_uses_the_first_runs_tokenizer(trained):
+    workdir, _ = trained
+    first = os.path.join(workdir, "tokenizer", "tokenizer.json")
+    ablation = os.path.join(workdir, "ablation_point_weight_0.0", "tokenizer", "tokenizer.json")
+    with open(first) as a, open(ablation) as b:
+        assert a.read() == b.read()

@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from queue import Full, Queue
@@ -413,6 +414,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
              for w in config.ablation_point_weights if w != config.loss.point_weight]
     source = train_source(config, data_dir)
     for name, run_dir, weight in runs:
+        tokenizer_dir, first_tokenizer = os.path.join(run_dir, "tokenizer"), os.path.join(workdir, "tokenizer")
+        if run_dir != workdir and os.path.isdir(first_tokenizer) and not os.path.exists(tokenizer_dir):
+            shutil.copytree(first_tokenizer, tokenizer_dir, dirs_exist_ok=True)  # same data, same tokenizer: reuse
         log.info("training %s in %s", name, run_dir)
         model, run_config = train_one(config, run_dir, data_dir, mesh, weight, source)
         results[name] = evaluate_split(run_config, data_dir, config.data.test_split, model, mesh)
