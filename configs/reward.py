@@ -10,7 +10,7 @@ accuracy, and `target_met: true` when accuracy - 0.5 >= 0.8 * (oracle - 0.5). Re
 per-category accuracy, CTR head ordering accuracy and correlation, calibration plot, margin vs true CTR
 difference, the ablation table) and `tensorboard --logdir <workdir>`.
 
-Measured on 2 cores: 8 min 24 s (10 min 4 s when the shared machine was busy); accuracy 0.659 [0.636, 0.682]
+Measured on 2 cores: 9 min 14 s (8 min 24 s to 10 min 14 s with the machine's load); accuracy 0.659 [0.636, 0.682]
 on 1621 held-out pairs vs oracle 0.693 (bar 0.655): target met (see the README).
 
 Presets (`:ARG`):
