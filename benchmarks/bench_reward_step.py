@@ -54,7 +54,7 @@ def tiny_shapes() -> dict:
                                  intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
                                  num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
                                  rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
-                                 rms_norm_eps=1e-5, max_position_embeddings=1024, pad_token_id=PAD))
+                                 rms_norm_eps=1e-5, max_position_embeddings=1024))
 
 
 def build(folder: str):
@@ -68,7 +68,18 @@ def build(folder: str):
 
     torch.manual_seed(0)
     model = LlavaNextForConditionalGeneration(LlavaNextConfig(
-        **tiny_shapes(), image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[[PAIR_SIZE, 2 * PAIR_SIZE]]))
+        **tiny_shapes(), image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[[PAIR_SIZE, 2 * PAIR_SIZE]],
+        pad_token_id=PAD))
+    # The shapes above restate `caig_jax.trainers.reward.tiny_llava_config` in transformers' terms: fail loudly if
+    # the preset has moved on and this benchmark no longer times the job's model.
+    from caig_jax.models.llava import LlavaConfig
+    from caig_jax.trainers.reward import tiny_llava_config
+    from configs import reward as reward_config
+
+    job_config = tiny_llava_config(reward_config.get_config("tiny"), VOCAB, IMAGE_TOKEN, PAD)
+    if LlavaConfig.from_hf(model.config) != job_config:
+        raise RuntimeError(f"the benchmark's model {LlavaConfig.from_hf(model.config)} is not the reward job's tiny "
+                           f"model {job_config}: update tiny_shapes()")
     d = model.config.text_config.hidden_size
     heads = torch.nn.Linear(d, 2, bias=False), torch.nn.Linear(d, 2, bias=False)
     model.save_pretrained(folder)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -101,9 +103,6 @@ def test_distributed_not_initialised_without_environment(monkeypatch):
 
 def test_set_cpu_devices_splits_the_host_before_first_use():
     """`cpu_devices` in a job config becomes that many CPU devices; too late (backend in use) is one clear error."""
-    import subprocess
-    import sys
-
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = (
         "import jax, jax.numpy as jnp\n"
