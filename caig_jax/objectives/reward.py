@@ -34,8 +34,8 @@ def reward_loss(cls_logits, ctr_pred, labels, ctrs, point_weight: float = 0.5):
     ce = -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
     mse = jnp.mean((ctr_pred - ctrs) ** 2)
     loss = ce + point_weight * mse
-    decision = jnp.where(cls_logits[:, 0] >= cls_logits[:, 1], 0, 1)
-    ctr_decision = jnp.where(ctr_pred[:, 0] >= ctr_pred[:, 1], 0, 1)
+    decision = jnp.where(prefers_left(cls_logits[:, 0], cls_logits[:, 1]), 0, 1)
+    ctr_decision = jnp.where(prefers_left(ctr_pred[:, 0], ctr_pred[:, 1]), 0, 1)
     metrics = {
         "ce": ce,
         "mse": mse,
@@ -45,6 +45,10 @@ def reward_loss(cls_logits, ctr_pred, labels, ctrs, point_weight: float = 0.5):
     return loss, metrics
 
 
-def decide_left(cls_logits):
-    """bool[B]: True where the model prefers the left image (`logit[0] >= logit[1]`)."""
-    return cls_logits[..., 0] >= cls_logits[..., 1]
+def prefers_left(left, right):
+    """The one left|right decision rule of the project (models, oracle, reports): the left ad wins ties.
+
+    `left`, `right`: scores of the two sides (cls logits, predicted or true CTRs), numpy or jax arrays or floats.
+    Returns bool (array) `left >= right`.
+    """
+    return left >= right
