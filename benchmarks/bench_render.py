@@ -5,7 +5,7 @@ Command (from the repository root):
 
 What it does: builds SD-1.5-sized models with random weights (UNet2DConditionModel 860M parameters: 320/640/1280/
 1280 channels, 8 heads, 768-d text; ControlNetModel 361M, canny conditioning embedding 16/32/96/256), ours in
-Flax NNX (`caig_jax.render.unet` / `controlnet`, initialised under jit) and diffusers' in PyTorch, and times the
+Flax NNX (`caig_jax.models.unet` / `controlnet`, initialised under jit) and diffusers' in PyTorch, and times the
 denoising loop the renderer runs at CAIG's settings (Euler-ancestral, CFG, control scale 1.0):
 
     x2 = [x, x] (CFG batch 2);  down, mid = ControlNet(x2, t, text[2, 77, 768], control[2, H, W, 3])
@@ -80,9 +80,9 @@ def run_jax(size: int, steps: int, repeats: int) -> dict:
 
     from caig_jax import parallel
     from caig_jax.convert.diffusers import SD15_UNET_CONFIG
-    from caig_jax.render import schedulers
-    from caig_jax.render.controlnet import ControlNetModel
-    from caig_jax.render.unet import UNet2DConditionModel
+    from caig_jax.diffusion import schedulers
+    from caig_jax.models.controlnet import ControlNetModel
+    from caig_jax.models.unet import UNet2DConditionModel
 
     t0 = time.perf_counter()
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])

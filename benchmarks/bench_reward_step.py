@@ -63,7 +63,7 @@ def build(folder: str):
     from safetensors.torch import load_file, save_file
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    from caig_jax.convert.llava import read_llava_config
+    from caig_jax.models.llava import read_llava_config
     from caig_jax.models.processing import num_image_tokens
 
     torch.manual_seed(0)

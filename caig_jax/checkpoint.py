@@ -19,6 +19,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from caig_jax import parallel
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +130,46 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_params(path: str, model: nnx.Module, mesh, *, trainable: Any = nnx.Param, step: int | None = None):
+    """Reads only the trained parameters of a training checkpoint (no optimizer state) onto `mesh`.
+
+    Args:
+      path: a training workdir (holding `checkpoints/`) or a `checkpoints/` folder.
+      model: the module to fill, concrete or abstract (`parallel.abstract_module`): the parameters selected by
+        `trainable` are read from the checkpoint and placed by their logical axes on `mesh` (any mesh, not
+        necessarily the one that saved them); the rest (a frozen tower the run rebuilt) is kept as it is.
+      trainable: the nnx filter of the parameters the run trained (`trainers.trainer.trainable_filter`).
+      step: the checkpoint step (default: the latest).
+
+    Returns:
+      (model with the restored parameters, step).
+    """
+    directory = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{path!r} holds no checkpoints (expected a training workdir or its checkpoints/)")
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "meta"),
+                                    options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    available = manager.all_steps()
+    if not available or (step is not None and step not in available):
+        raise FileNotFoundError(f"{directory} has no checkpoint for step {step}; it has {sorted(available)}")
+    step = max(available) if step is None else step
+    graphdef, params, rest = nnx.split(model, trainable, ...)
+    shardings = parallel.state_shardings(params, mesh)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+    target = {"params": to_nested_dict(abstract)}
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {directory}/{step} does not hold the parameters this model trains "
+                         f"(different model config or trainable set?): {e}") from e
+    finally:
+        manager.close()
+    params = from_nested_dict(params, restored.state["params"])
+    leftover = [p for p, v in nnx.to_flat_state(rest) if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+    if leftover:
+        raise ValueError(f"restore_params: {len(leftover)} parameters of the abstract model are not in the checkpoint "
+                         f"(e.g. {'/'.join(map(str, leftover[0]))}); pass a concrete model that holds them")
+    return nnx.merge(graphdef, params, rest), step

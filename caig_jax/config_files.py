@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 from ml_collections import ConfigDict
 
@@ -22,6 +23,13 @@ def config_keys(config: ConfigDict, prefix: str = "") -> list[str]:
     return keys
 
 
+def add_config_root(path: str) -> None:
+    """Puts the folder that holds `configs/` on sys.path, so configs can `from configs.common import ...`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
 def load_config(spec: str) -> ConfigDict:
     """Loads `path/to/config.py[:ARG]` by calling its `get_config(ARG)` (what --config does).
 
@@ -30,6 +38,7 @@ def load_config(spec: str) -> ConfigDict:
     path, _, arg = spec.partition(":")
     if not os.path.isabs(path) and not os.path.exists(path):
         path = os.path.join(REPO_ROOT, path)
+    add_config_root(path)
     module_spec = importlib.util.spec_from_file_location("_caig_config", path)
     if module_spec is None or module_spec.loader is None:
         raise FileNotFoundError(f"config file {path!r} not found")

@@ -16,16 +16,10 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from caig_jax.config_files import config_keys, load_config
+from caig_jax.config_files import add_config_root, config_keys, load_config
 
 # config.job -> module with `run(config, workdir)`. Imported lazily so a job only pays for what it uses.
-JOBS = {
-    "smoke": "caig_jax.trainers.smoke",
-    "market": "caig_jax.data.market_job",
-    "render": "caig_jax.render.job",
-    "reward": "caig_jax.trainers.reward",
-    "eval_sweep": "caig_jax.eval.sweep",
-}
+JOBS = {name: f"caig_jax.jobs.{name}" for name in ("smoke", "market", "render", "reward", "eval_sweep")}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file, `configs/NAME.py[:PRESET]`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs (resumes if it exists).")
@@ -69,6 +63,9 @@ def quiet_library_logs() -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec:
+        add_config_root(spec.partition(":")[0])
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001  (turn any override failure into one readable message)

@@ -24,10 +24,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax._src.interpreters import partial_eval as pe  # see _tracer_errors_without_origin
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -142,15 +142,6 @@ def logical_to_mesh_spec(
     return P(*spec)
 
 
-def logical_axes_of(state: Any) -> Any:
-    """Tree of logical-axis tuples (or None) for an `nnx.State` of Variables."""
-    return jax.tree.map(
-        lambda v: v.get_metadata().get("out_sharding"),
-        state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-
-
 def state_shardings(state: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
     """NamedShardings for every Variable in an (abstract or concrete) `nnx.State`."""
 
@@ -237,19 +228,47 @@ def num_batch_shards(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
-def global_batch(mesh: Mesh, local_batch: Any) -> Any:
-    """Turns this host's slice of a batch (a tree of numpy arrays) into global `jax.Array`s.
+def global_batch(mesh: Mesh, batch: Any) -> Any:
+    """Global `jax.Array`s, dim 0 split over the mesh's batch axes, from a tree of host or device arrays.
 
-    Every leaf's leading dimension is this process's share of the global batch; on one host this is the
-    whole batch. Uses `jax.make_array_from_process_local_data`, so it is correct on multi-host pods.
+    - numpy (or anything array-like) leaves are *this process's* share of the global batch (its leading
+      dimension is the local batch; on one host, the whole batch): `jax.make_array_from_process_local_data`,
+      correct on multi-host pods.
+    - `jax.Array` leaves are already *global* arrays (e.g. rollouts a sampler left on the mesh): they stay on
+      device and are only resharded when their sharding differs (no host round-trip; works for arrays that
+      are not fully addressable on a multi-host run).
     """
 
     def one(x):
+        if isinstance(x, jax.Array):
+            sharding = batch_sharding(mesh, x.ndim)
+            return x if x.sharding.is_equivalent_to(sharding, x.ndim) else jax.device_put(x, sharding)
         x = np.asarray(x)
-        sharding = batch_sharding(mesh, x.ndim)
-        return jax.make_array_from_process_local_data(sharding, x)
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
-    return jax.tree.map(one, local_batch)
+    return jax.tree.map(one, batch)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global `jax.Array`, in the order of its local input data.
+
+    The inverse of `parallel.global_batch` for outputs: what a predict function returns (replicas across
+    the tensor axis are read once; no cross-host communication).
+    """
+    parts, seen = [], set()
+    for shard in sorted(x.addressable_shards, key=lambda s: (s.index[0].start or 0) if s.index else 0):
+        start = (shard.index[0].start or 0) if shard.index else 0
+        if start not in seen:
+            seen.add(start)
+            parts.append(np.asarray(shard.data))
+    return np.concatenate(parts, axis=0)
+
+
+def process_allgather_int(n: int) -> np.ndarray:
+    """int[P]: `n` of every process (no communication on one process)."""
+    if jax.process_count() == 1:
+        return np.asarray([n])
+    return np.asarray(multihost_utils.process_allgather(np.asarray([n], np.int32), tiled=True)).reshape(-1)
 
 
 def pad_to_multiple(batch: Any, multiple: int) -> tuple[Any, int]:
@@ -272,9 +291,8 @@ def set_cpu_devices(count: int) -> None:
 
     Why: XLA's CPU backend runs most fused elementwise and reduction ops (softmax, masks, norms) on one
     thread, so one CPU device leaves cores idle; with the batch sharded over several CPU devices (the mesh's
-    `data` axis) their programs run side by side. Measured on 2 cores, the tiny reward step: 1 device 0.157 s,
-    4 devices 0.093 s (8: slower again). Only the CPU backend is affected: on TPU/GPU hosts the mesh is built
-    from the accelerators and this does nothing visible.
+    `data` axis) their programs run side by side (measured: the README's benchmark section). Only the CPU
+    backend is affected: on TPU/GPU hosts the mesh is built from the accelerators and this does nothing.
     """
     if count is None or int(count) <= 1:
         return

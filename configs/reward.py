@@ -27,7 +27,8 @@ Presets (`:ARG`):
 
 import ml_collections
 
-from caig_jax.trainers.trainer import default_train_config
+from configs import market
+from configs._common import train_config
 
 PRESETS = ("tiny", "7b")
 
@@ -45,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""  # TFDS data dir with ctr_logs; "" = build the marketplace into <workdir>/market
-    c.data.market_preset = "reward"  # configs/market.py preset used when building it (1200 products)
+    c.data.market = market.get_config("reward")  # the marketplace built when data.dir is "" (1200 products)
     c.data.image_size = 32  # side of each half of the left|right pair image
     c.data.random_flip = True  # swap left/right (and labels) at random while training
     c.data.train_split = "train"
@@ -90,7 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.point_weight = 0.5  # CE + point_weight * MSE(ctr_pred, [left_ctr, right_ctr])
     c.ablation_point_weights = (0.0,)  # extra runs (same data, same seed) reported side by side
 
-    c.train = default_train_config()
+    c.train = train_config()
     c.train.steps = 2000  # x2 with the ablation run: the whole tiny job stays under 10 minutes on 2 cores
     c.train.batch_size = 32
     c.train.learning_rate = 1e-3

@@ -15,7 +15,7 @@ TPU v4-8: `--config.mesh.fsdp=4 --config.mesh.tensor=2`). Add `--config.model.lo
 
 import ml_collections
 
-from caig_jax.trainers.trainer import default_train_config
+from configs._common import train_config
 
 PRESETS = ("tiny", "large")
 
@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.lora_rank = 0  # >0 wraps Linear layers matching lora_target with LoRA adapters
     c.model.lora_alpha = 16.0
     c.model.lora_target = "hidden"
-    c.train = default_train_config()
+    c.train = train_config()
     c.train.steps = 200
     c.train.batch_size = 64
     c.train.learning_rate = 3e-3

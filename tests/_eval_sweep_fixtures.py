@@ -1,13 +1,13 @@
 """A toy stand-in for the reward trainer's sweep interface, with toy data and checkpoint folders.
 
-`install(monkeypatch)` puts a module named `caig_jax.trainers.reward` into `sys.modules` whose
+`install(monkeypatch)` registers a toy `ModelInterface` as the eval sweep's `reward` kind, whose
 `load_trained` / `pair_batches` / `predict_batch` behave like the real ones where the sweep cares:
 - checkpoints live in `<workdir>/checkpoints/<step>/` (here a weight vector `w.npy`), the run config in
   `<workdir>/config.json`;
 - `pair_batches` reads only this process's strided shard of a split, `batch_size` pairs per batch, in order
   (like `caig_jax.data.loader.reward_batches(..., shuffle=False, drop_remainder=False)`);
 - `predict_batch` shards the batch over the mesh with `parallel.global_batch`, runs a jitted linear scorer
-  and returns this process's rows (`sweep.local_rows`). Calls are counted in `CALLS`.
+  and returns this process's rows (`parallel.local_rows`). Calls are counted in `CALLS`.
 
 Run as a script it is the entry point (`caig_jax.main`) with the toy interface installed: the two-process
 sweep test launches it.
@@ -18,8 +18,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import sys
-import types
 
 import numpy as np
 
@@ -93,7 +91,7 @@ class ToyModel:
 def load_trained(workdir: str, mesh, step: int | None = None):
     import ml_collections
 
-    from caig_jax.eval import sweep
+    from caig_jax.jobs import eval_sweep as sweep
 
     CALLS["load"] += 1
     with open(os.path.join(workdir, "config.json")) as f:
@@ -136,24 +134,24 @@ def predict_batch(model: ToyModel, batch: dict, mesh) -> dict:
     import jax
 
     from caig_jax import parallel
-    from caig_jax.eval import sweep
 
     CALLS["predict"] += 1
     x = parallel.global_batch(mesh, {"x": np.asarray(batch["x"], np.float32)})["x"]
     with jax.set_mesh(mesh):
         s, c = _apply_fn()(model.w, x)
-    return {"cls_logits": sweep.local_rows(s), "ctr_pred": sweep.local_rows(c)}
+    return {"cls_logits": parallel.local_rows(s), "ctr_pred": parallel.local_rows(c)}
 
 
-def install(monkeypatch=None) -> types.ModuleType:
-    """Registers this toy interface as `caig_jax.trainers.reward` (via monkeypatch when given)."""
-    module = types.ModuleType("caig_jax.trainers.reward")
-    module.load_trained, module.pair_batches, module.predict_batch = load_trained, pair_batches, predict_batch
+def install(monkeypatch=None):
+    """Registers this toy interface as the eval sweep's `reward` model kind (via monkeypatch when given)."""
+    from caig_jax.jobs import eval_sweep
+
+    interface = eval_sweep.ModelInterface(load_trained, pair_batches, predict_batch)
     if monkeypatch is not None:
-        monkeypatch.setitem(sys.modules, "caig_jax.trainers.reward", module)
+        monkeypatch.setitem(eval_sweep.INTERFACES, "reward", interface)
     else:
-        sys.modules["caig_jax.trainers.reward"] = module
-    return module
+        eval_sweep.INTERFACES["reward"] = interface
+    return interface
 
 
 def expected_metrics(data_dir: str, split: str, w: np.ndarray):

@@ -3,14 +3,11 @@
 import importlib.util
 import os
 
-import jax
 import numpy as np
 from flax import nnx
 
-from caig_jax import parallel
-from caig_jax.checkpoint import Checkpointer
 from caig_jax.metrics import read_jsonl
-from caig_jax.trainers import smoke
+from caig_jax.jobs import smoke
 from caig_jax.trainers.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +43,7 @@ def trained_params(config, workdir, mesh):
     """Restores the latest checkpoint of `workdir` into a trainer on `mesh`; returns {path: np.ndarray}."""
     model = smoke.build_model(config, mesh)
     trainer = Trainer(config, workdir, mesh, model, smoke.mse_loss)
-    trainer.maybe_restore(None)
+    trainer.restore()
     params = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(trainer.state["params"])}
     shardings = {"/".join(map(str, p)): v.get_value().sharding for p, v in nnx.to_flat_state(trainer.state["params"])}
     trainer.close()

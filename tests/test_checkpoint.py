@@ -55,7 +55,7 @@ def uninterrupted(tmp_path_factory):
     _run_to_end(workdir)
     config = smoke_config({"data": 8}, steps=STEPS)
     params, _, trainer = trained_params(config, workdir, parallel.make_mesh({"data": 8}))
-    assert trainer.step == STEPS
+    assert trainer.current_step == STEPS
     return workdir, params
 
 
@@ -83,7 +83,7 @@ def test_interrupted_run_resumes_to_identical_params(tmp_path, uninterrupted, si
     assert "resumed from" in out
     config = smoke_config({"data": 8}, steps=STEPS)
     params, _, trainer = trained_params(config, workdir, parallel.make_mesh({"data": 8}))
-    assert trainer.step == STEPS
+    assert trainer.current_step == STEPS
     _assert_same_params(params, uninterrupted[1])
 
 
@@ -97,7 +97,7 @@ def test_partial_save_folder_is_ignored(tmp_path, uninterrupted):
     shutil.copytree(os.path.join(ckpts, str(STEPS)), os.path.join(ckpts, f"{STEPS + 10}.orbax-checkpoint-tmp-1"))
     config = smoke_config({"data": 8}, steps=STEPS + 10)
     _, _, trainer = trained_params(config, workdir, parallel.make_mesh({"data": 8}))
-    assert trainer.step == STEPS
+    assert trainer.current_step == STEPS
 
 
 @pytest.mark.parametrize(

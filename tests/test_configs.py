@@ -12,7 +12,7 @@ from caig_jax.main import JOBS, config_keys
 
 from ._smoke_utils import REPO, load_config_file
 
-CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py")))
+CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "[!_]*.py")))
 
 
 def _cases():

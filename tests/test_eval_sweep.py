@@ -1,6 +1,6 @@
 """Evaluation sweep: planning (globs, steps, eval sets), sharded evaluation with padding, resumable tables.
 
-The model comes from a toy stand-in for `caig_jax.trainers.reward` (tests/_eval_sweep_fixtures.py): a
+The model comes from a toy stand-in for the reward model's sweep interface (tests/_eval_sweep_fixtures.py): a
 jitted linear scorer sharded over the 8-device mesh, so every number the sweep reports can be recomputed
 in numpy from the same data.
 """
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from caig_jax import parallel
-from caig_jax.eval import sweep
+from caig_jax.eval import pairwise
+from caig_jax.jobs import eval_sweep as sweep
 
 from . import _eval_sweep_fixtures as fx
 from ._smoke_utils import REPO, load_config_file
@@ -121,8 +122,8 @@ def test_evaluate_pads_to_the_mesh_and_drops_pad_rows(world, devices, mesh_shape
         return fx.predict_batch(m, batch, mesh_)
 
     path = str(tmp_path / "predictions.process{process}.npz")
-    metrics = sweep.evaluate(model, config, fx.pair_batches(config, world["data"], "test", batch_size), mesh,
-                             predict_fn=predict, predictions_path=path)
+    metrics = pairwise.evaluate(predict, model, fx.pair_batches(config, world["data"], "test", batch_size), mesh,
+                                predictions_path=path)
     shards = parallel.num_batch_shards(mesh)
     assert all(b % shards == 0 for b in seen), f"batches {seen} not padded to {shards} batch shards"
     expected = fx.expected_metrics(world["data"], "test", fx.weights_for(0, 200))
@@ -146,14 +147,14 @@ def test_evaluate_rejects_predictions_of_the_wrong_rows(world, devices):
 
     with pytest.raises(ValueError, match="this process's rows only"):
         batches = fx.pair_batches(config, world["data"], "test", 4)
-        sweep.evaluate(model, config, batches, mesh, predict_fn=gathered_twice)
+        pairwise.evaluate(gathered_twice, model, batches, mesh)
 
 
 def test_local_rows_reads_each_replica_once(devices):
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     x = np.arange(24, dtype=np.float32).reshape(8, 3)
-    np.testing.assert_array_equal(sweep.local_rows(parallel.global_batch(mesh, x)), x)
-    assert sweep.local_batch_multiple(mesh) == 4
+    np.testing.assert_array_equal(parallel.local_rows(parallel.global_batch(mesh, x)), x)
+    assert pairwise.local_batch_multiple(mesh) == 4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def test_main_entry_runs_the_sweep(world, tmp_path):
     workdir = str(tmp_path / "cli")
     cmd = [sys.executable, "-m", "tests._eval_sweep_fixtures", "--config=configs/eval_sweep.py:tiny",
            f"--workdir={workdir}", f"--config.checkpoints={world['runs']}/reward_b",
-           f"--config.eval_sets=test=self:test", "--config.batch_size=6", "--config.write_reports=False"]
+           "--config.eval_sets=test=self:test", "--config.batch_size=6", "--config.write_reports=False"]
     env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from caig_jax import parallel
-from caig_jax.convert.llava import read_llava_config
+from caig_jax.models.llava import read_llava_config
 from caig_jax.models import llava
 from caig_jax.models.llama import sample_logits
 from tests._llava_fixtures import NEXT_SIZES, llava_next_torch, llava_torch, next_pixel_values, prompt_batch

@@ -228,8 +228,8 @@ def test_sd15_sized_names_round_trip_through_diffusers():
         ldm_unet_key,
         ldm_vae_key,
     )
-    from caig_jax.render.unet import UNet2DConditionConfig
-    from caig_jax.render.vae import AutoencoderKLConfig
+    from caig_jax.models.unet import UNet2DConditionConfig
+    from caig_jax.models.vae import AutoencoderKLConfig
 
     with torch.device("meta"):
         unet_sd = TorchUNet(**SD15_UNET_CONFIG).state_dict()

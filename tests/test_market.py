@@ -13,11 +13,12 @@ import pytest
 from PIL import Image
 
 from caig_jax.data import ctr_logs as logs_lib
-from caig_jax.data import loader, market, market_job
+from caig_jax.data import loader, market
+from caig_jax.jobs import market as market_job
 from caig_jax.data.builders.llava_conversations import check_conversation
 from caig_jax.data.ctr_logs import DataError
 from caig_jax.data.pairs import PairRule, pair_indices
-from caig_jax.render import product as product_lib
+from caig_jax.data import product as product_lib
 
 SMALL = dict(num_products=20, min_creatives=3, max_creatives=5, image_size=32, product_size=48,
              contact_sheet_products=4, impressions_median=3000.0)

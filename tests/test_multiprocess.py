@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from caig_jax.trainers import smoke
+from caig_jax.jobs import smoke
 
 from ._smoke_utils import REPO, losses, smoke_config
 

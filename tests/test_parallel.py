@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from caig_jax import parallel
-from caig_jax.trainers.smoke import MLP
+from caig_jax.models.mlp import MLP
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "smoke_mlp_partition_specs.json")
 MESHES = {

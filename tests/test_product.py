@@ -1,10 +1,10 @@
-"""caig_jax.render.product: CAIG's crop / fit 0.78 / centre, inpainting mask, canny control, paste-back."""
+"""caig_jax.data.product: CAIG's crop / fit 0.78 / centre, inpainting mask, canny control, paste-back."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from caig_jax.render import product as P
+from caig_jax.data import product as P
 
 
 def _cutout(h=60, w=30, pad=(7, 11, 5, 13)) -> np.ndarray:

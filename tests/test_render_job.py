@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from caig_jax.main import JOBS, load_config
-from caig_jax.render import job as render_job
-from caig_jax.render import product as product_lib
+from caig_jax.jobs import render as render_job
+from caig_jax.data import product as product_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 
 from caig_jax.eval import plots, reward_accuracy
+from caig_jax.eval import report as report_lib
 from caig_jax.eval.reward_accuracy import pairwise_metrics, wilson_interval
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -153,7 +154,7 @@ def test_write_report_and_compare_runs(tmp_path, synthetic_metrics):
     assert len(lines) == 4 and "point_weight=0.5" in lines[2] and "61.0%" in lines[3]
     assert f"{100 * m['accuracy']:.1f}%" in lines[2]
 
-    paths = reward_accuracy.write_report(m, str(tmp_path / "report"), title="Toy RM",
+    paths = report_lib.write_report(m, str(tmp_path / "report"), title="Toy RM",
                                          extra_sections={"Ablation": table}, metrics_jsonl=str(jsonl))
     for name in ("calibration", "ctr_scatter", "margin_vs_true", "per_category", "training_curves"):
         _assert_png(paths[name])
@@ -171,7 +172,7 @@ def test_write_report_and_compare_runs(tmp_path, synthetic_metrics):
 
 def test_report_without_arrays_and_plot_errors(tmp_path, synthetic_metrics):
     plain = dict(synthetic_metrics)  # a plain dict (e.g. read back from JSON) carries no per-pair arrays
-    paths = reward_accuracy.write_report(plain, str(tmp_path), title="from JSON")
+    paths = report_lib.write_report(plain, str(tmp_path), title="from JSON")
     assert "per_category" in paths and "calibration" not in paths
     with pytest.raises(ValueError, match="per_category"):
         plots.per_category_bar({"accuracy": 0.5}, str(tmp_path / "x.png"))

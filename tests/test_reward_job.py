@@ -6,10 +6,13 @@ import os
 import numpy as np
 import pytest
 
-from caig_jax.data import market_job
+from caig_jax.data import market_datasets
 from caig_jax.main import load_config
 from caig_jax.metrics import read_jsonl
-from caig_jax.trainers import reward
+from caig_jax.data import reward_inputs
+from caig_jax.jobs import reward
+from caig_jax.models.reward import predict_batch
+from caig_jax.trainers.reward import load_trained
 
 from ._smoke_utils import REPO
 
@@ -23,7 +26,7 @@ def small_market(tmp_path_factory):
     config.market.num_products = 60
     config.market.contact_sheet_products = 4
     config.pairs.image_size = 32
-    market_job.build_world(config, root, verbose=False)
+    market_datasets.build_world(config, root, verbose=False)
     return os.path.join(root, "tfds")
 
 
@@ -78,12 +81,12 @@ def test_rerun_resumes_and_sweep_interface_restores_the_model(trained, small_mar
     from caig_jax import parallel
 
     mesh = parallel.make_mesh({"data": 8})
-    model, config = reward.load_trained(workdir, mesh)
+    model, config = load_trained(workdir, mesh)
     # the tiny decoder's RoPE base comes from the run's config (not Llama's default 10000)
     assert model.backbone.config.text_config.rope_theta == config.model.tiny.rope_theta == 30.0
-    batches = reward.pair_batches(config, small_market, "test", 32)
+    batches = reward_inputs.pair_batches(config, small_market, "test", 32)
     batch = next(iter(batches))
-    out = reward.predict_batch(model, batch, mesh)
+    out = predict_batch(model, batch, mesh)
     assert out["cls_logits"].shape == (batch["label"].shape[0], 2)
 
 
@@ -98,7 +101,7 @@ def test_short_run_beats_chance_on_held_out_products(tmp_path):
     market.market.contact_sheet_products = 4
     market.pairs.image_size = 32
     market.train_pairs.splits = ("train", "test")  # held-out wide pairs to measure on
-    market_job.build_world(market, root, verbose=False)
+    market_datasets.build_world(market, root, verbose=False)
     data_dir = os.path.join(root, "tfds")
 
     config = load_config(os.path.join(REPO, "configs", "reward.py:tiny"))
@@ -111,7 +114,7 @@ def test_short_run_beats_chance_on_held_out_products(tmp_path):
     from caig_jax import parallel
 
     mesh = parallel.make_mesh({"data": 8})
-    model, run_config = reward.load_trained(os.path.join(root, "run"), mesh)
+    model, run_config = load_trained(os.path.join(root, "run"), mesh)
     metrics = reward.evaluate_split(run_config, data_dir, "test", model, mesh, dataset_config="market_wide")
     assert metrics["n"] > 500
     assert metrics["accuracy_ci"][0] > 0.5, (metrics["accuracy"], metrics["accuracy_ci"])

@@ -3,14 +3,13 @@
 import json
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from caig_jax.models import reward
-from caig_jax.models.llava import LlavaConfig, layout_for
+from caig_jax.models.llava import LlavaConfig, last_non_pad_index, layout_for
 
 from .test_llava import _original_config, _original_key
 from ._llava_fixtures import IMAGE_TOKEN, NEXT_SIZES, TOL, llava_next_torch, next_pixel_values, rel_err
@@ -79,8 +78,8 @@ def test_heads_match_pytorch_reference_at_last_non_pad_token(torch_rm, side):
 def test_last_non_pad_index_left_and_right_padding():
     right = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     left = np.array([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
-    assert reward.last_non_pad_index(right).tolist() == [2, 4]
-    assert reward.last_non_pad_index(left).tolist() == [4, 4]
+    assert last_non_pad_index(right).tolist() == [2, 4]
+    assert last_non_pad_index(left).tolist() == [4, 4]
 
 
 def test_original_llava_layout_with_heads_loads_same_numbers(torch_rm, tmp_path):

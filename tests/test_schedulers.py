@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from caig_jax.render import SD15_SCHEDULER_CONFIG
-from caig_jax.render import schedulers as S
+from caig_jax.diffusion import schedulers as S
+from caig_jax.diffusion.schedulers import SD15_SCHEDULER_CONFIG
 
 diffusers = pytest.importorskip("diffusers")
 

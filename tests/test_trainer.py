@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from caig_jax import parallel
-from caig_jax.trainers import smoke
+from caig_jax.data.regression import RegressionData
+from caig_jax.jobs import smoke
 from caig_jax.trainers.trainer import NonFiniteLossError, Trainer
 
 from ._smoke_utils import losses, smoke_config, trained_params
@@ -63,7 +64,7 @@ def test_frozen_subtree_gets_no_updates_and_no_optimizer_state(tmp_path, devices
     opt_paths = {"/".join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(trainer.state["opt_state"])[0]}
     assert not any("hidden" in p and "'0'" in p or "hidden/0" in p for p in opt_paths)
     assert not any(p[0] == "hidden" and p[1] == 0 for p, _ in nnx.to_flat_state(trainer.state["params"]))
-    result = trainer.train(smoke.RegressionData(16, 4, config.train.batch_size, 0))
+    result = trainer.train(RegressionData(16, 4, config.train.batch_size, 0))
     trainer.close()
     np.testing.assert_array_equal(np.asarray(result.model.hidden[0].kernel.get_value()), before)
     assert not np.array_equal(np.asarray(result.model.hidden[1].kernel.get_value()), np.asarray(initial.hidden[1].kernel.get_value()))
@@ -78,7 +79,7 @@ def test_lora_only_training_leaves_base_weights(tmp_path, devices):
     trainer = Trainer(config, str(tmp_path), mesh, model, smoke.mse_loss)
     trained = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(trainer.state["params"])}
     assert trained and all("lora_" in p for p in trained), trained
-    result = trainer.train(smoke.RegressionData(16, 4, config.train.batch_size, 0))
+    result = trainer.train(RegressionData(16, 4, config.train.batch_size, 0))
     trainer.close()
     np.testing.assert_array_equal(np.asarray(result.model.hidden[0].base.kernel.get_value()), base_before)
     assert np.abs(np.asarray(result.model.hidden[0].lora_b.get_value())).max() > 0
@@ -86,7 +87,7 @@ def test_lora_only_training_leaves_base_weights(tmp_path, devices):
     assert curve[-3:].mean() < curve[:3].mean()
 
 
-class _PoisonedData(smoke.RegressionData):
+class _PoisonedData(RegressionData):
     """Injects NaN inputs into batch `bad_index`."""
 
     bad_index = 7
@@ -106,7 +107,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, de
         trainer.train(_PoisonedData(16, 4, config.train.batch_size, 0))
     trainer.close()
     params, _, restored = trained_params(config, str(tmp_path), mesh)
-    assert restored.step == 5
+    assert restored.current_step == 5
     assert all(np.isfinite(v).all() for v in params.values())
 
 
@@ -115,7 +116,7 @@ def test_eval_hook_runs_periodically(tmp_path, devices):
     mesh = parallel.make_mesh(config.mesh.to_dict())
     calls = []
     trainer = Trainer(config, str(tmp_path), mesh, smoke.build_model(config, mesh), smoke.mse_loss)
-    result = trainer.train(smoke.RegressionData(16, 4, 64, 0), eval_fn=lambda m, s: calls.append(s) or {"n": float(s)})
+    result = trainer.train(RegressionData(16, 4, 64, 0), eval_fn=lambda m, s: calls.append(s) or {"n": float(s)})
     trainer.close()
     assert calls == [4, 8, 12]
     assert result.metrics["eval/n"] == 12.0

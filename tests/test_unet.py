@@ -15,7 +15,7 @@ from flax import nnx
 from caig_jax import parallel
 from caig_jax.convert.common import CheckpointMismatchError
 from caig_jax.convert.diffusers import load_unet
-from caig_jax.render.unet import UNet2DConditionConfig, UNet2DConditionModel
+from caig_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 
 from ._render_fixtures import TINY_UNET, TOL, jitted, nchw, nhwc, perturb, rel_err, tiny_unet
 
@@ -163,7 +163,7 @@ def test_missing_weights_file(tmp_path):
 
 def test_chunked_cpu_attention_equals_one_call():
     """The CPU query-chunked path (T >= 2048) gives the single call's numbers."""
-    from caig_jax.render.nn import attention
+    from caig_jax.models.diffusion_layers import attention
 
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 2048, 2, 8)).astype(np.float32)) for _ in range(3))

@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL as TorchVAE
 from flax import nnx
 
 from caig_jax.convert.diffusers import load_vae
-from caig_jax.render.vae import DiagonalGaussianDistribution
+from caig_jax.models.vae import DiagonalGaussianDistribution
 
 from ._render_fixtures import TINY_VAE, TOL, nchw, nhwc, perturb, rel_err
 

@@ -33,7 +33,12 @@ import numpy as np
 from flax import nnx
 
 from caig_jax import parallel
+from caig_jax.convert.clip import is_ignored_key, torch_key
 from caig_jax.convert.common import CheckpointMismatchError, SafetensorsReader, flat_paths, load_state
+from caig_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from caig_jax.models.controlnet import ControlNetConfig, ControlNetModel
+from caig_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+from caig_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
 # ---------------------------------------------------------------------------------------------------------------
 # Our parameter path <-> diffusers key, tensor layout
@@ -212,9 +217,8 @@ def load_unet(folder, *, dtype=jnp.float32, mesh=None, param_dtype=None):
       dtype: compute dtype; `param_dtype` (default: `dtype`) the stored parameter dtype.
       mesh: place parameters sharded on this mesh by their logical axes; None: unsharded, default device.
     Returns:
-      `caig_jax.render.unet.UNet2DConditionModel`.
+      `caig_jax.models.unet.UNet2DConditionModel`.
     """
-    from caig_jax.render.unet import UNet2DConditionConfig, UNet2DConditionModel
 
     folder = _model_folder(folder, "unet")
     config = UNet2DConditionConfig.from_dict(read_config(folder))
@@ -227,7 +231,6 @@ def load_unet(folder, *, dtype=jnp.float32, mesh=None, param_dtype=None):
 
 def load_vae(folder, *, dtype=jnp.float32, mesh=None, param_dtype=None):
     """Loads a diffusers `AutoencoderKL` folder (`vae/`). Same arguments as `load_unet`; returns `AutoencoderKL`."""
-    from caig_jax.render.vae import AutoencoderKL, AutoencoderKLConfig
 
     folder = _model_folder(folder, "vae")
     config = AutoencoderKLConfig.from_dict(read_config(folder))
@@ -240,8 +243,7 @@ def load_vae(folder, *, dtype=jnp.float32, mesh=None, param_dtype=None):
 
 def load_controlnet(folder, *, dtype=jnp.float32, mesh=None, param_dtype=None):
     """Loads a diffusers `ControlNetModel` folder (e.g. lllyasviel/control_v11p_sd15_canny). Returns
-    `caig_jax.render.controlnet.ControlNetModel`."""
-    from caig_jax.render.controlnet import ControlNetConfig, ControlNetModel
+    `caig_jax.models.controlnet.ControlNetModel`."""
 
     folder = _model_folder(folder, "controlnet")
     config = ControlNetConfig.from_dict(read_config(folder))
@@ -419,8 +421,8 @@ def load_ldm_single_file(
     The file holds `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
     `cond_stage_model.transformer.text_model.*` (CLIP-L text encoder) tensors, but no configs: the SD-1.5
     configs (`SD15_UNET_CONFIG`, `SD15_VAE_CONFIG`, `SD15_TEXT_ENCODER_CONFIG`) are used unless given (as
-    diffusers / transformers `config.json` dicts or our config dataclasses). Other keys (`model_ema.*`, scheduler buffers such as `alphas_cumprod`) are
-    ignored: like diffusers, the non-EMA weights are loaded. Under a component's prefix, every key must be
+    diffusers / transformers `config.json` dicts or our config dataclasses). Other keys (`model_ema.*`, scheduler
+    buffers such as `alphas_cumprod`) are ignored: like diffusers, the non-EMA weights are loaded. Under a component's prefix, every key must be
     consumed and every parameter present with the right shape, or a `CheckpointMismatchError` lists them.
 
     Args:
@@ -432,10 +434,6 @@ def load_ldm_single_file(
       `{"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel | None,
         "configs": {"unet": UNet2DConditionConfig, "vae": AutoencoderKLConfig, "text_encoder": CLIPTextConfig}}`
     """
-    from caig_jax.convert.clip import is_ignored_key, torch_key
-    from caig_jax.models.clip import CLIPTextConfig, CLIPTextModel
-    from caig_jax.render.unet import UNet2DConditionConfig, UNet2DConditionModel
-    from caig_jax.render.vae import AutoencoderKL, AutoencoderKLConfig
 
     path = os.fspath(path)
     if os.path.isdir(path) or not path.endswith(".safetensors"):

@@ -31,7 +31,7 @@ match, longest phrase first; words it does not know are ignored) and paints a ba
 - patterns (`PATTERNS`): plain, gradient, bokeh, stripes, polka dots, checkered, minimalist, cluttered.
 
 The seed only moves texture phases and blob positions; the look is set by the prompt. `compose_ad`
-places the product with the renderer's code (`caig_jax.render.product`: crop to alpha, fit 0.78 of the
+places the product with the renderer's code (`caig_jax.data.product`: crop to alpha, fit 0.78 of the
 canvas, centre), paints the background and pastes the product back with its undilated alpha.
 
 The hidden click model (`true_ctr(composed_rgb_uint8, category)`)
@@ -94,7 +94,7 @@ import numpy as np
 from PIL import Image
 
 from caig_jax.data.images import encode_image
-from caig_jax.render import product as product_lib
+from caig_jax.data import product as product_lib
 
 # ----------------------------------------------------------------------------------------------------------
 # Vocabulary

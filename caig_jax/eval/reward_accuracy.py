@@ -4,12 +4,12 @@ Pure numpy/scipy on per-pair arrays (no model code), so the training job, the ev
 notebook all compute the same numbers:
 
     metrics = pairwise_metrics(cls_logits, ctr_pred, labels, logged_ctrs, categories, true_ctrs)
-    write_report(metrics, "runs/reward_tiny", title="Reward model on held-out products")
+    caig_jax.eval.report.write_report(metrics, "runs/reward_tiny", title="Reward model on held-out products")
 
 Conventions (from CAIG's code): label 0 = the left image has the higher logged CTR; the model decides
 "left" iff `cls_logits[:, 0] >= cls_logits[:, 1]` (ties go left); the CTR head decides "left" iff
 `ctr_pred[:, 0] >= ctr_pred[:, 1]`; on the synthetic marketplace the true order is "left" iff
-`true_ctr[:, 0] >= true_ctr[:, 1]`.
+`true_ctr[:, 0] >= true_ctr[:, 1]` (`caig_jax.objectives.reward.prefers_left`, the one rule).
 
 Every number in the returned dict is a Python float/int/bool (or None where undefined, e.g. a correlation
 of a constant), so it goes straight to JSON and to the trainer's metric writer.
@@ -17,14 +17,14 @@ of a constant), so it goes straight to JSON and to the trainer's metric writer.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from scipy import stats
+
+from caig_jax.objectives.reward import prefers_left
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 TARGET_FRACTION = 0.8  # target: accuracy - 0.5 >= 0.8 * (oracle - 0.5)
@@ -166,7 +166,7 @@ def pairwise_metrics(
         cls_logits, ctr_pred, labels, logged_ctrs, categories, true_ctrs
     )
     n = labels.shape[0]
-    decision = np.where(cls_logits[:, 0] >= cls_logits[:, 1], 0, 1)
+    decision = np.where(prefers_left(cls_logits[:, 0], cls_logits[:, 1]), 0, 1)
     correct = decision == labels
     overall = _proportion(correct)
     m = PairMetrics(n=n, accuracy=overall["accuracy"], accuracy_ci=overall["ci"], correct=overall["correct"])
@@ -174,7 +174,7 @@ def pairwise_metrics(
     if categories is not None:
         m["per_category"] = {str(c): _proportion(correct[categories == c]) for c in sorted(set(categories.tolist()))}
 
-    ctr_decision = np.where(ctr_pred[:, 0] >= ctr_pred[:, 1], 0, 1)
+    ctr_decision = np.where(prefers_left(ctr_pred[:, 0], ctr_pred[:, 1]), 0, 1)
     ctr = _proportion(ctr_decision == labels)
     m["ctr_accuracy"], m["ctr_accuracy_ci"] = ctr["accuracy"], ctr["ci"]
     m["ctr_pearson"], m["ctr_spearman"] = correlations(ctr_pred, logged_ctrs)
@@ -191,7 +191,7 @@ def pairwise_metrics(
             known = None
     if known is not None:
         t = true_ctrs[known]
-        true_decision = np.where(t[:, 0] >= t[:, 1], 0, 1)
+        true_decision = np.where(prefers_left(t[:, 0], t[:, 1]), 0, 1)
         oracle = _proportion(true_decision == labels[known])
         vs_true = _proportion(decision[known] == true_decision)
         m["n_true"] = int(known.sum())
@@ -321,62 +321,3 @@ def to_jsonable(x: Any) -> Any:
     if isinstance(x, (float, np.floating)):
         return float(x) if math.isfinite(float(x)) else None
     return x
-
-
-def write_report(
-    metrics: Mapping[str, Any],
-    out_dir: str,
-    *,
-    title: str,
-    extra_sections: Mapping[str, str] | None = None,
-    predictions: Mapping[str, np.ndarray] | None = None,
-    metrics_jsonl: str | None = None,
-) -> dict[str, str]:
-    """Writes `<out_dir>/report.json`, `<out_dir>/report.md` and PNG plots under `<out_dir>/plots/`.
-
-    Args:
-      metrics: `pairwise_metrics(...)` output (its `.predictions` feed the plots).
-      out_dir: the folder to write into (created).
-      title: the report's heading.
-      extra_sections: `{heading: markdown}` appended (e.g. `{"Ablation": compare_runs(...)}`).
-      predictions: per-pair arrays for the plots when `metrics` does not carry them (keys as in
-        `PairMetrics.predictions`); without either, only the per-category plot is drawn.
-      metrics_jsonl: a trainer's `metrics.jsonl`; when it exists, training curves are plotted too.
-
-    Returns:
-      `{name: path}` of every file written.
-    """
-    from caig_jax.eval import plots as plot_lib
-
-    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
-    preds = predictions if predictions is not None else getattr(metrics, "predictions", None)
-    plots: dict[str, str] = {}
-
-    def plot(name, fn, *args):
-        rel = os.path.join("plots", f"{name}.png")
-        fn(*args, os.path.join(out_dir, rel))
-        plots[name] = rel
-
-    if preds is not None:
-        plot("calibration", plot_lib.calibration_plot, preds["cls_logits"], preds["labels"])
-        plot("ctr_scatter", plot_lib.ctr_scatter, preds["ctr_pred"], preds["logged_ctrs"])
-        true_ctrs = preds.get("true_ctrs")
-        if true_ctrs is not None:
-            known = np.all(np.isfinite(true_ctrs), axis=1)
-            logits = np.asarray(preds["cls_logits"])[known]
-            plot("margin_vs_true", plot_lib.margin_vs_true_plot, logits[:, 0] - logits[:, 1],
-                 true_ctrs[known, 0] - true_ctrs[known, 1])
-    if metrics.get("per_category"):
-        plot("per_category", plot_lib.per_category_bar, metrics)
-    if metrics_jsonl and os.path.exists(metrics_jsonl):
-        plot("training_curves", plot_lib.training_curves, metrics_jsonl)
-
-    paths = {name: os.path.join(out_dir, rel) for name, rel in plots.items()}
-    md = report_markdown(metrics, title=title, plots=plots, extra_sections=extra_sections)
-    paths["report.md"] = os.path.join(out_dir, "report.md")
-    with open(paths["report.md"], "w") as f:
-        f.write(md)
-    paths["report.json"] = os.path.join(out_dir, "report.json")
-    with open(paths["report.json"], "w") as f:
-        json.dump({"title": title, "metrics": to_jsonable(dict(metrics)), "plots": plots}, f, indent=2)
-    return paths

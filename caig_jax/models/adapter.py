@@ -24,7 +24,6 @@ from flax import nnx
 
 from caig_jax.models import image_processing as geometry
 from caig_jax.models import layers
-from caig_jax.models.clip import activation
 
 # Order of the integer columns of an anyres layout (int32[B, 7]).
 LAYOUT_FIELDS = ("num_patches", "grid_h", "grid_w", "row_offset", "col_offset", "rows", "cols")
@@ -51,7 +50,7 @@ class MultiModalProjector(nnx.Module):
         self.linear_2 = layers.linear(out_features, out_features, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.linear_2(activation(self.act)(self.linear_1(x)))
+        return self.linear_2(layers.activation(self.act)(self.linear_1(x)))
 
 
 # ------------------------------------------------------------------------------------------------ layout (host)

@@ -126,22 +126,6 @@ class CLIPTextConfig:
 # ------------------------------------------------------------------------------------------------ blocks
 
 
-def activation(name: str):
-    """transformers' ACT2FN entries used by CLIP / projector configs."""
-    table = {
-        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-        "silu": jax.nn.silu,
-        "relu": jax.nn.relu,
-    }
-    if name not in table:
-        raise NotImplementedError(f"activation {name!r} is not implemented; known: {sorted(table)}")
-    return table[name]
-
-
 class CLIPAttention(nnx.Module):
     def __init__(self, width: int, heads: int, width_axis: str, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.num_heads = heads
@@ -167,7 +151,7 @@ class CLIPMLP(nnx.Module):
         self.fc2 = layers.linear(hidden, width, ("mlp", width_axis), **kw)
 
     def __call__(self, x):
-        return self.fc2(activation(self.act)(self.fc1(x)))
+        return self.fc2(layers.activation(self.act)(self.fc1(x)))
 
 
 class CLIPEncoderLayer(nnx.Module):

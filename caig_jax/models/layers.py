@@ -7,12 +7,33 @@ Linear `[in, out]`, Conv `[kh, kw, in, out]` (NHWC activations); converters tran
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 Axes = tuple[str | None, ...]
+
+# Activation names of transformers' ACT2FN and diffusers' `get_activation` that our configs can name.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation a config names (`hidden_act`, `act_fn`), exactly as transformers / diffusers compute it."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not implemented; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 def linear(

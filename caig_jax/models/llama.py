@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -421,13 +421,6 @@ def sample_logits(
     filtered = jnp.where((top_p < 1.0) & (scaled < kept_min), -jnp.inf, scaled)
     sampled = jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys, filtered).astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, greedy)
-
-
-def eos_array(eos: int | Sequence[int] | None) -> np.ndarray:
-    if eos is None:
-        return np.zeros((0,), np.int32)
-    return np.asarray([eos] if isinstance(eos, int) else list(eos), np.int32)
-
 
 def config_from_mapping(d: Mapping[str, Any]) -> LlamaConfig:
     """LlamaConfig from a `config.json`-style dict, parsed by transformers' LlamaConfig (same defaults)."""

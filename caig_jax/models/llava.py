@@ -9,7 +9,12 @@ the text embeddings at the image-token positions, in order.
 Public API (stable; external checks call it):
   from_pretrained(path, *, dtype=jnp.float32, mesh=None, param_dtype=jnp.float32) -> LlavaModel
       transformers LLaVA / LLaVA-NeXT folders (hub or 5.x save_pretrained layout, sharded or not) and the
-      original LLaVA repository layout; see `caig_jax.convert.llava`.
+      original LLaVA repository layout (key layouts: `caig_jax.convert.llava`).
+  read_llava_config(path) -> (LlavaConfig, layout name): transformers configs (parsed by transformers, so its
+      defaults apply) or LLaVA's own keys (Llama keys at the top level, `mm_projector_type`,
+      `mm_vision_select_layer`, `mm_vision_select_feature`, `image_aspect_ratio`, `image_grid_pinpoints` as
+      (width, height) pairs, `mm_patch_merge_type`, `mm_vision_tower` = a local folder with a CLIP config or a
+      well-known name such as `openai/clip-vit-large-patch14-336`).
   model(input_ids, pixel_values, image_sizes=None, attention_mask=None) -> float32[B, T, vocab]
   model.hidden_states(input_ids, pixel_values, image_sizes=None, attention_mask=None) -> float32[B, T, D]
       final-normed last hidden states (what the reward heads read at the last non-pad token).
@@ -41,7 +46,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -49,13 +55,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+from transformers import LlavaConfig as HFLlavaConfig, LlavaNextConfig as HFLlavaNextConfig
 
 from caig_jax import parallel
+from caig_jax.convert.clip import load_module, read_json
+from caig_jax.convert.common import SafetensorsReader
+from caig_jax.convert.llava import ORIGINAL, TRANSFORMERS, llava_sections
 from caig_jax.models import adapter, layers
-from caig_jax.models.clip import CLIP_VIT_L_14_336, CLIPVisionConfig, CLIPVisionModel
+from caig_jax.models.clip import BUILTIN_VISION_CONFIGS, CLIP_VIT_L_14_336, CLIPVisionConfig, CLIPVisionModel
+from caig_jax.models.image_processing import LLAVA_NEXT_GRID_PINPOINTS
 from caig_jax.models.llama import (
     LlamaConfig,
     LlamaForCausalLM,
+    config_from_mapping,
     positions_from_mask,
     sample_logits,
     token_logprobs as _token_logprobs_from_logits,
@@ -63,8 +75,6 @@ from caig_jax.models.llama import (
 
 # LLaVA's own image placeholder id in input_ids (llava/constants.py IMAGE_TOKEN_INDEX).
 LLAVA_IMAGE_TOKEN_INDEX = -200
-
-DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -89,7 +99,7 @@ class LlavaConfig:
     vision_feature_select_strategy: str = "default"
     projector_hidden_act: str = "gelu"
     multimodal_projector_bias: bool = True
-    image_grid_pinpoints: tuple[tuple[int, int], ...] = DEFAULT_PINPOINTS
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = LLAVA_NEXT_GRID_PINPOINTS
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int = 0
 
@@ -212,7 +222,7 @@ def llava_next_vicuna_7b() -> LlavaConfig:
         vision_config=CLIP_VIT_L_14_336,
         anyres=True,
         image_token_id=32000,
-        image_grid_pinpoints=DEFAULT_PINPOINTS,
+        image_grid_pinpoints=LLAVA_NEXT_GRID_PINPOINTS,
         eos_token_ids=(2,),
         pad_token_id=32001,
     )
@@ -659,7 +669,106 @@ def _generate_jit(graphdef, state, inputs, eos, pad, temperature, top_p, seed, *
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def from_pretrained(path: str, *, dtype=jnp.float32, mesh=None, param_dtype=jnp.float32) -> LlavaModel:
+def _generation_config(folder: str) -> dict | None:
+    path = os.path.join(folder, "generation_config.json")
+    return read_json(path) if os.path.exists(path) else None
+
+
+def _is_original_llava(d: dict) -> bool:
+    return "text_config" not in d and any(k in d for k in ("mm_vision_tower", "mm_projector_type", "mm_hidden_size"))
+
+
+def read_llava_config(folder: str) -> tuple[LlavaConfig, str]:
+    """(LlavaConfig, 'transformers' | 'original_llava') from a checkpoint folder's config.json."""
+    config_path = os.path.join(folder, "config.json")
+    d = read_json(config_path)
+    generation = _generation_config(folder)
+    if _is_original_llava(d):
+        return original_llava_config(d, folder, generation), ORIGINAL
+    model_type = d.get("model_type")
+    if model_type not in ("llava", "llava_next"):
+        raise ValueError(
+            f"{config_path}: model_type {model_type!r} is neither a transformers LLaVA ('llava', 'llava_next') nor "
+            "an original LLaVA config (mm_vision_tower / mm_projector_type keys)"
+        )
+    cls = HFLlavaNextConfig if model_type == "llava_next" else HFLlavaConfig
+    hf = cls.from_dict(d)
+    if hf.text_config.model_type != "llama":
+        raise NotImplementedError(f"{config_path}: text model {hf.text_config.model_type!r}; only Llama is implemented")
+    if getattr(hf.vision_config, "model_type", "") not in ("clip_vision_model", "clip"):
+        raise NotImplementedError(
+            f"{config_path}: vision tower {hf.vision_config.model_type!r}; only CLIP is implemented"
+        )
+    return LlavaConfig.from_hf(hf, generation_config=generation), TRANSFORMERS
+
+
+def _vision_config_for(name: str, folder: str) -> CLIPVisionConfig:
+    candidates = [name] if os.path.isabs(name) else [os.path.join(folder, name), name]
+    for candidate in candidates:
+        config_file = os.path.join(candidate, "config.json")
+        if os.path.isfile(config_file):
+            return CLIPVisionConfig.from_dict(read_json(config_file))
+    if name in BUILTIN_VISION_CONFIGS:
+        return BUILTIN_VISION_CONFIGS[name]
+    raise ValueError(
+        f"mm_vision_tower {name!r}: no folder with a config.json there (looked in {candidates}) and not a built-in "
+        f"tower name ({sorted(BUILTIN_VISION_CONFIGS)})"
+    )
+
+
+def original_llava_config(d: dict, folder: str, generation: dict | None = None) -> LlavaConfig:
+    """LlavaConfig from the original LLaVA repository's config.json keys."""
+    where = os.path.join(folder, "config.json")
+    tower = d.get("mm_vision_tower") or d.get("vision_tower")
+    if not tower:
+        raise ValueError(f"{where}: no mm_vision_tower key: cannot tell the vision tower's architecture")
+    vision = _vision_config_for(tower, folder)
+    projector = d.get("mm_projector_type", "linear")
+    if projector != "mlp2x_gelu":
+        raise ValueError(f"{where}: mm_projector_type {projector!r}; only 'mlp2x_gelu' is implemented")
+    select = d.get("mm_vision_select_feature", "patch")
+    strategies = {"patch": "default", "cls_patch": "full"}
+    if select not in strategies:
+        raise ValueError(f"{where}: mm_vision_select_feature {select!r}; expected one of {sorted(strategies)}")
+    aspect = d.get("image_aspect_ratio", "square")
+    merge = d.get("mm_patch_merge_type", "flat")
+    anyres = str(aspect).startswith("anyres")
+    if anyres and merge != "spatial_unpad":
+        raise ValueError(
+            f"{where}: image_aspect_ratio {aspect!r} with mm_patch_merge_type {merge!r}; anyres is implemented as "
+            "LLaVA-NeXT's 'spatial_unpad' (base image + unpadded grid + image_newline)"
+        )
+    if aspect not in ("anyres", "pad", "square", "resize", None) and not anyres:
+        raise ValueError(f"{where}: image_aspect_ratio {aspect!r} is not implemented")
+    pinpoints = d.get("image_grid_pinpoints") or ()
+    if anyres and (isinstance(pinpoints, str) or not pinpoints):
+        raise ValueError(f"{where}: image_grid_pinpoints {pinpoints!r}; expected a list of [width, height]")
+    mm_hidden = d.get("mm_hidden_size")
+    if mm_hidden is not None and mm_hidden != vision.hidden_size:
+        raise ValueError(
+            f"{where}: mm_hidden_size={mm_hidden} but the vision tower {tower!r} has hidden_size={vision.hidden_size}"
+        )
+    text = config_from_mapping({k: v for k, v in d.items() if not k.startswith("mm_")})
+    eos, pad = eos_and_pad_ids(text, None, generation)
+    return LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        anyres=anyres,
+        image_token_id=int(d.get("image_token_index", LLAVA_IMAGE_TOKEN_INDEX)),
+        vision_feature_layer=int(d.get("mm_vision_select_layer", -2)),
+        vision_feature_select_strategy=strategies[select],
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        # LLaVA lists (width, height); transformers and we use (height, width).
+        image_grid_pinpoints=tuple((int(p[1]), int(p[0])) for p in pinpoints) if anyres else (),
+        eos_token_ids=eos,
+        pad_token_id=pad,
+    )
+
+
+def from_pretrained(
+    path: str, *, dtype=jnp.float32, mesh=None, param_dtype=jnp.float32, ignore_keys: Iterable[str] = ()
+) -> LlavaModel:
     """Loads a LLaVA / LLaVA-NeXT folder onto `mesh` (None: the first device), streaming tensor by tensor.
 
     Detects the layout from the folder: transformers `LlavaForConditionalGeneration` /
@@ -667,7 +776,24 @@ def from_pretrained(path: str, *, dtype=jnp.float32, mesh=None, param_dtype=jnp.
     the transformers 5.x save_pretrained keys) or the original LLaVA repository (`LlavaLlamaForCausalLM`:
     `model.mm_projector.*`, `model.vision_tower.vision_tower.vision_model.*`, `mm_*` config keys).
     dtype: compute dtype (bfloat16 on accelerators); param_dtype: parameter storage dtype.
+    ignore_keys: checkpoint keys that are not the MLLM's and are not errors (e.g. reward heads a caller reads).
     """
-    from caig_jax.convert.llava import load_llava
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"LLaVA checkpoint folder {path!r} does not exist")
+    config, layout = read_llava_config(path)
+    reader = SafetensorsReader(path)
+    what = f"LLaVA checkpoint {path} ({layout} layout)"
+    sections, head = llava_sections(reader, config, layout, what)
+    # A tied model's head is the token table; a saved copy of it is not an error.
+    also_ignore = list(ignore_keys) + ([head] if config.text_config.tie_word_embeddings else [])
+    return load_module(
+        lambda: LlavaModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
+        reader,
+        mesh,
+        sections=sections,
+        what=what,
+        also_ignore=also_ignore,
+    )
 
-    return load_llava(path, dtype=dtype, mesh=mesh, param_dtype=param_dtype)
+

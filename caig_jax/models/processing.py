@@ -52,30 +52,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from caig_jax.models import adapter
 from caig_jax.models.image_processing import (
     LLAVA_NEXT_GRID_PINPOINTS,
     ImageProcessor,
     ImageProcessorConfig,
-    get_anyres_image_grid_shape,
-    image_size_to_num_patches,
     load_image_processor_config,
-    select_best_resolution,
-    unpad_bounds,
 )
+from caig_jax.models.llava import LLAVA_IMAGE_TOKEN_INDEX, original_llava_config  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     import transformers
 
 IMAGE_TOKEN = "<image>"
-# Original LLaVA marks image positions with this id (it is never looked up in the embedding table).
-LLAVA_IMAGE_TOKEN_INDEX = -200
 STRATEGIES = ("default", "full")
-
-# Vision towers that original-LLaVA configs name by hub id: (image_size, patch_size).
-KNOWN_VISION_TOWERS = {
-    "openai/clip-vit-large-patch14-336": (336, 14),
-    "openai/clip-vit-large-patch14": (224, 14),
-}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,7 +154,9 @@ class ImageTokenSpec:
             with open(source) as f:
                 config = json.load(f)
         if _get(config, "mm_vision_tower") is not None or _get(config, "mm_projector_type") is not None:
-            return cls._from_original_llava(config, source)
+            # The one original-LLaVA parser (the model's): same defaults, same errors as loading the model.
+            folder = os.path.dirname(source) if source != "config" else os.getcwd()
+            return cls.from_config(original_llava_config(dict(config), folder))
         vision = _get(config, "vision_config")
         image_size = _get(vision, "image_size", _get(config, "image_size", 336))
         patch_size = _get(vision, "patch_size", _get(config, "patch_size", 14))
@@ -180,36 +172,6 @@ class ImageTokenSpec:
                    image_grid_pinpoints=pins if anyres else None,
                    vision_feature_select_strategy=_get(config, "vision_feature_select_strategy", "default"),
                    image_token_index=int(token))
-
-    @classmethod
-    def _from_original_llava(cls, config: Any, source: str) -> "ImageTokenSpec":
-        tower = _get(config, "mm_vision_tower")
-        if tower in KNOWN_VISION_TOWERS:
-            image_size, patch_size = KNOWN_VISION_TOWERS[tower]
-        elif tower is not None and os.path.exists(os.path.join(str(tower), "config.json")):
-            with open(os.path.join(str(tower), "config.json")) as f:
-                tower_cfg = json.load(f)
-            vision = tower_cfg.get("vision_config", tower_cfg)
-            image_size, patch_size = int(vision["image_size"]), int(vision["patch_size"])
-        else:
-            raise ValueError(f"{source}: mm_vision_tower {tower!r} is neither a known name "
-                             f"({sorted(KNOWN_VISION_TOWERS)}) nor a local folder with a config.json")
-        select = _get(config, "mm_vision_select_feature", "patch")
-        if select not in ("patch", "cls_patch"):
-            raise ValueError(f"{source}: mm_vision_select_feature must be 'patch' or 'cls_patch', got {select!r}")
-        pins = None
-        if "anyres" in str(_get(config, "image_aspect_ratio", "")):
-            merge = _get(config, "mm_patch_merge_type", "spatial_unpad")
-            if merge != "spatial_unpad":
-                raise ValueError(f"{source}: mm_patch_merge_type {merge!r} is not supported (only 'spatial_unpad', "
-                                 "the LLaVA-v1.6 layout that transformers implements)")
-            # Original LLaVA reads each pinpoint as (width, height); ours are (height, width), so swap (this also
-            # keeps LLaVA's first-in-list tie-breaking between e.g. 336x672 and 672x336 for small images).
-            pins = tuple((w, h) for h, w in
-                         _parse_pinpoints(_get(config, "image_grid_pinpoints", LLAVA_NEXT_GRID_PINPOINTS), source))
-        return cls(image_size=image_size, patch_size=patch_size, image_grid_pinpoints=pins,
-                   vision_feature_select_strategy="default" if select == "patch" else "full",
-                   image_token_index=int(_get(config, "image_token_index", LLAVA_IMAGE_TOKEN_INDEX)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,15 +200,13 @@ def anyres_feature_layout(orig_height: int, orig_width: int, config: Any) -> Any
         # transformers' LlavaNext reshapes every tile's features to side x side; a kept CLS makes that fail.
         raise ValueError("LLaVA-NeXT anyres packing needs vision_feature_select_strategy='default' "
                          "(with 'full' the CLS feature cannot be laid out on the tile grid)")
-    size = (int(orig_height), int(orig_width))
     side = spec.features_per_side
-    rows, cols = get_anyres_image_grid_shape(size, spec.image_grid_pinpoints, spec.image_size)
-    top, bottom, left, right = unpad_bounds(size, (rows * side, cols * side))
-    kept_h, kept_w = bottom - top, right - left
+    (num_tiles, rows, cols, top, left, kept_h, kept_w), = adapter.anyres_layout(
+        [(int(orig_height), int(orig_width))], spec.image_grid_pinpoints, tile_size=spec.image_size, grid_size=side)
     return AnyresFeatureLayout(
-        num_tiles=image_size_to_num_patches(size, spec.image_grid_pinpoints, spec.image_size),
-        grid_rows=rows, grid_cols=cols, side=side, unpad=(top, bottom, left, right),
-        num_tokens=side * side + kept_h * kept_w + kept_h)
+        num_tiles=int(num_tiles), grid_rows=int(rows), grid_cols=int(cols), side=side,
+        unpad=(int(top), int(top + kept_h), int(left), int(left + kept_w)),
+        num_tokens=side * side + int(kept_h) * (int(kept_w) + 1))
 
 
 def num_image_tokens(orig_height: int, orig_width: int, config: Any) -> int:

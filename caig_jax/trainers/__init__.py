@@ -1,1 +1,1 @@
-"""Jobs that train (smoke, reward, sft, preference) on the generic trainer in `caig_jax.trainers.trainer`."""
+"""The training engine (`trainer.py`) and what each model needs to be trained and loaded with it."""

@@ -1,33 +1,47 @@
-"""The generic trainer every training job runs on.
+"""The training engine: sharded state, a public jitted step, hooks, and a default loop built from them.
 
-A job hands the trainer a model already placed on the mesh, a loss function, a data iterator and
-(optionally) an evaluation function; the trainer owns the loop:
+    trainer = Trainer(config, workdir, mesh, model, loss_fn)     # sharded state; nothing runs yet
+    trainer.train(data, eval_fn)                                 # the default loop (resume, hooks, end eval)
+
+A job with its own outer loop (preference rounds: sample -> render -> judge -> update) drives the same
+pieces itself and keeps checkpoints, preemption-safe resume, metrics and the progress bar:
+
+    trainer.restore()                                  # latest checkpoint: state, data position, job_state
+    with trainer.session(total_steps) as session:     # SIGTERM flag, metric writer, progress bar
+        while trainer.step < total_steps:
+            trainer.job_state["round"] = ...          # small JSON state saved with every checkpoint
+            metrics = session.run_step(batch)         # step + hooks (NaN stop, log, progress, eval, checkpoint)
+
+State and step (MaxText / Levanter style):
 
     model --split--> graphdef, trainable params (nnx.State), frozen rest (nnx.State)
-    state = {step, params, opt_state}          # only the trainable set has gradients and optimizer state
-    step  = jax.jit(pure_step, donate_argnums=0)   # gradient accumulation via lax.scan over micro-batches
+    state = {step, params, opt_state}                   # only the trainable set has gradients and moments
+    Trainer.step(state, batch) -> (state, metrics)      # pure, jitted, donates `state`
 
-- Optimiser: AdamW with linear warmup + cosine decay, global-norm gradient clipping (optax).
+- Optimiser: AdamW with linear warmup + cosine decay, global-norm gradient clipping (optax). Its moments get
+  their parameter's sharding explicitly (`_opt_state_shardings`): left to GSPMD, `jax.jit(tx.init)` returns
+  them replicated (seen on an fsdp x tensor mesh; `tests/test_trainer.py` checks every moment).
 - Trainable set: `config.train.trainable` ('all' params, or 'lora' = only `nnx.LoRAParam`s) minus the
-  parameter paths matching any regex in `config.train.freeze` (e.g. 'vision_tower').
+  parameter paths matching any regex in `config.train.freeze`. Frozen parameters take no gradients, no
+  optimizer state and are not checkpointed (the job rebuilds them: same seed / same pretrained folder).
 - Checkpoints (Orbax, async, keep-N) every `checkpoint_every` steps, at the end, and on SIGTERM (TPU
-  preemption: save, then raise `Preempted`). A run started on a workdir with checkpoints resumes from the
-  latest one, data position included, onto the *current* mesh. Frozen parameters are not checkpointed:
-  they are rebuilt by the job (same seed / same pretrained checkpoint).
-- The loss is read back every step: that is the NaN/inf guard (the run stops with a clear message and the
-  last good checkpoint stays untouched), the progress bar's input, and the host sync that keeps XLA:CPU's
-  emulated collectives from piling up.
+  preemption: save, then raise `Preempted`). They hold the state, the data iterator's position and the
+  job's `job_state`, and restore onto the *current* mesh.
+- Metrics are read back every step: the NaN/inf guard, the progress bar's input, and the host sync that keeps
+  XLA:CPU's emulated collectives from piling up (see DESIGN.md section 4).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import os
 import re
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import jax
@@ -48,6 +62,7 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
 # eval_fn(model, step) -> {name: float}
 EvalFn = Callable[[nnx.Module, int], Mapping[str, float]]
+State = dict[str, Any]  # {'step': int32[], 'params': nnx.State, 'opt_state': optax state}
 
 
 class DataIterator(Protocol):
@@ -72,30 +87,6 @@ class Preempted(SystemExit):
         self.step = step
 
 
-def default_train_config() -> ml_collections.ConfigDict:
-    """The `config.train` section shared by every training job (jobs override values, not keys)."""
-    c = ml_collections.ConfigDict()
-    c.steps = 100
-    c.batch_size = 8  # global batch (all hosts); must divide by the mesh's data*fsdp size and grad_accum_steps
-    c.grad_accum_steps = 1
-    c.learning_rate = 1e-3
-    c.warmup_steps = 10
-    c.end_lr_ratio = 0.0  # cosine decays to learning_rate * end_lr_ratio
-    c.weight_decay = 0.0
-    c.b1 = 0.9
-    c.b2 = 0.999
-    c.clip_grad_norm = 1.0  # 0 disables clipping
-    c.trainable = "all"  # 'all' | 'lora'
-    c.extra_trainable = ()  # regexes of params trained whatever `trainable` says (e.g. new heads with LoRA)
-    c.freeze = ()  # regexes over '/'-joined parameter paths: matching params get no grads, no optimizer state
-    c.log_every = 10
-    c.eval_every = 0  # 0: only at the end
-    c.checkpoint_every = 50
-    c.keep_checkpoints = 3
-    c.async_checkpoints = True
-    return c
-
-
 def trainable_filter(
     trainable: str, freeze: tuple[str, ...] | list[str] = (), extra: tuple[str, ...] | list[str] = ()
 ) -> nnx.filterlib.Filter:
@@ -107,6 +98,7 @@ def trainable_filter(
         kind = nnx.LoRAParam
     else:
         raise ValueError(f"config.train.trainable={trainable!r}: expected 'all' or 'lora'")
+
     def matcher(regexes):
         patterns = [re.compile(r) for r in regexes]
         return lambda path, _value: any(p.search("/".join(str(x) for x in path)) for p in patterns)
@@ -115,6 +107,7 @@ def trainable_filter(
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW on a linear-warmup + cosine schedule, after global-norm clipping (`config.train`)."""
     warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -128,8 +121,20 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransf
     return optax.chain(*parts), schedule
 
 
-def _abstract(tree: Any) -> Any:
+def abstract_of(tree: Any) -> Any:
+    """`jax.ShapeDtypeStruct`s (with shardings) for a tree of arrays: a restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _opt_state_shardings(tx: optax.GradientTransformation, params: Any, mesh: Mesh) -> Any:
+    """Shardings of `tx.init(params)`: every parameter-shaped leaf (Adam's moments) like its parameter,
+    everything else (counts) replicated."""
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    abstract = jax.eval_shape(tx.init, params)
+    replicated = NamedSharding(mesh, P())
+    return optax.tree_map_params(
+        tx, lambda _, sharding: sharding, abstract, param_shardings, transform_non_params=lambda _: replicated
+    )
 
 
 @dataclasses.dataclass
@@ -140,7 +145,7 @@ class TrainResult:
 
 
 class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
+    """Turns SIGTERM into a flag checked after each step (main thread only; elsewhere signals stay as they are)."""
 
     def __init__(self):
         self.raised = False
@@ -161,15 +166,20 @@ class _SigtermFlag:
 
 
 class Trainer:
-    """Trains `model` in place on `mesh`.
+    """Trains `model`'s trainable parameters on `mesh`.
 
     Args:
-      config: the job config; uses `config.train` (see `default_train_config`) and `config.seed`.
+      config: the job config; uses `config.train` (`configs/_common.py:train_config`) and `config.seed`.
       workdir: checkpoints in `<workdir>/checkpoints`, metrics in `<workdir>/metrics.jsonl` + TensorBoard.
       mesh: the device mesh (the model's parameters must already live on it).
       model: an nnx.Module with sharded parameters (from `parallel.sharded_init` or a converter).
-      loss_fn: `(model, batch, rng) -> (loss, metrics)`, pure; runs inside jit on the global batch.
-      batch_spec: optional tree of PartitionSpecs for batch leaves (default: dim 0 over ('data','fsdp')).
+      loss_fn: `(model, batch, rng) -> (loss, metrics)`, pure; runs inside jit on the global batch, whose
+        leaves are split over the mesh's batch axes on dim 0 (`parallel.global_batch`).
+
+    Attributes:
+      state: the current `{'step', 'params', 'opt_state'}` (sharded); `frozen`: the untrained rest.
+      job_state: a small JSON-able dict saved with every checkpoint and restored by `restore` (an outer
+        loop's round number, say).
     """
 
     def __init__(
@@ -181,56 +191,61 @@ class Trainer:
         loss_fn: LossFn,
     ):
         self.config = config
-        self.cfg = config.train
         self.workdir = workdir
         self.mesh = mesh
         self.loss_fn = loss_fn
-        accum = self.cfg.grad_accum_steps
+        self.job_state: dict[str, Any] = {}
+        train = config.train
+        accum = train.grad_accum_steps
         shards = parallel.num_batch_shards(mesh)
-        if self.cfg.batch_size % (accum * shards):
+        if train.batch_size % (accum * shards):
             raise ValueError(
-                f"config.train.batch_size={self.cfg.batch_size} must divide by grad_accum_steps={accum} times the "
+                f"config.train.batch_size={train.batch_size} must divide by grad_accum_steps={accum} times the "
                 f"mesh's data*fsdp size={shards}"
             )
-        if self.cfg.batch_size % jax.process_count():
-            raise ValueError(f"config.train.batch_size={self.cfg.batch_size} must divide by {jax.process_count()} hosts")
+        if train.batch_size % jax.process_count():
+            raise ValueError(f"config.train.batch_size={train.batch_size} must divide by {jax.process_count()} hosts")
 
-        self.filter = trainable_filter(self.cfg.trainable, tuple(self.cfg.freeze), tuple(self.cfg.extra_trainable))
+        self.filter = trainable_filter(train.trainable, tuple(train.freeze), tuple(train.extra_trainable))
         self.graphdef, params, self.frozen = nnx.split(model, self.filter, ...)
-        n_trainable = sum(x.size for x in jax.tree.leaves(params))
-        if n_trainable == 0:
+        self.num_trainable = sum(x.size for x in jax.tree.leaves(params))
+        if self.num_trainable == 0:
             raise ValueError(
-                f"no trainable parameters: trainable={self.cfg.trainable!r}, extra_trainable="
-                f"{tuple(self.cfg.extra_trainable)}, freeze={tuple(self.cfg.freeze)} select nothing"
+                f"no trainable parameters: trainable={train.trainable!r}, extra_trainable="
+                f"{tuple(train.extra_trainable)}, freeze={tuple(train.freeze)} select nothing"
             )
         n_frozen = sum(x.size for x in jax.tree.leaves(nnx.state(self.frozen, nnx.Param)))
-        log.info("parameters: %s trainable, %s frozen", f"{n_trainable:,}", f"{n_frozen:,}")
-        self.num_trainable = n_trainable
+        log.info("parameters: %s trainable, %s frozen", f"{self.num_trainable:,}", f"{n_frozen:,}")
 
-        self.tx, self.schedule = make_optimizer(self.cfg)
-        param_shardings = jax.tree.map(lambda x: x.sharding, params)
-        with jax.set_mesh(mesh):
-            # Optimizer moments are elementwise functions of the params, so GSPMD gives them the params'
-            # shardings; scalars (counts) come out replicated.
-            opt_state = jax.jit(self.tx.init)(params)
-        opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
-        replicated = NamedSharding(mesh, P())
-        self.state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params, "opt_state": opt_state}
-        self.state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+        self.tx, self.schedule = make_optimizer(train)
+        self.state = self.init_state(params)
         self.checkpointer = Checkpointer(
-            f"{workdir}/checkpoints",
-            keep=self.cfg.keep_checkpoints,
-            every=self.cfg.checkpoint_every,
-            async_save=self.cfg.async_checkpoints,
+            os.path.join(workdir, "checkpoints"),
+            keep=train.keep_checkpoints,
+            every=train.checkpoint_every,
+            async_save=train.async_checkpoints,
         )
-        self._step_fn = self._build_step()
+        self._jitted_step = self._build_step()
+        self._data: DataIterator | None = None
 
     # ------------------------------------------------------------------------------------------------
-    # The jitted step.
+    # State and the jitted step.
     # ------------------------------------------------------------------------------------------------
+    def init_state(self, params: Any) -> State:
+        """A fresh train state (step 0, new optimizer moments) for `params`, an nnx.State of the trainable set
+        already on the mesh (e.g. from another run); the moments are created sharded like their parameters."""
+        replicated = NamedSharding(self.mesh, P())
+        opt_shardings = _opt_state_shardings(self.tx, params, self.mesh)
+        with jax.set_mesh(self.mesh):
+            opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
+        self.state_shardings = {
+            "step": replicated, "params": jax.tree.map(lambda x: x.sharding, params), "opt_state": opt_shardings,
+        }
+        return {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params, "opt_state": opt_state}
+
     def _build_step(self):
         graphdef, loss_fn, tx, schedule = self.graphdef, self.loss_fn, self.tx, self.schedule
-        accum = self.cfg.grad_accum_steps
+        accum = self.config.train.grad_accum_steps
         seed = self.config.seed
 
         def loss_of(params, frozen, batch, rng):
@@ -248,8 +263,9 @@ class Trainer:
             else:
                 # [B, ...] -> [accum, B/accum, ...] taking every accum-th example, so each micro-batch
                 # still spans every batch shard.
-                micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch)
-
+                micro = jax.tree.map(
+                    lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch
+                )
                 shapes = jax.eval_shape(grad_fn, params, frozen, jax.tree.map(lambda x: x[0], micro), rng)
                 zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
@@ -272,75 +288,119 @@ class Trainer:
 
         return jax.jit(step, donate_argnums=(0,), out_shardings=(self.state_shardings, None))
 
+    def step(self, state: State, batch: Mapping[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+        """One optimizer step: `(state, global batch) -> (new state, metrics)`. Jitted; `state` is donated.
+
+        `batch` leaves are global arrays on the mesh (`parallel.global_batch`). No hooks run: callers that
+        want checkpoints, metrics and preemption use `session(...).run_step` or `train`.
+        """
+        with jax.set_mesh(self.mesh):
+            return self._jitted_step(state, self.frozen, batch)
+
     # ------------------------------------------------------------------------------------------------
-    # Public API.
+    # Checkpoints.
     # ------------------------------------------------------------------------------------------------
     @property
-    def step(self) -> int:
+    def current_step(self) -> int:
         return int(self.state["step"])
 
     def model(self) -> nnx.Module:
         """The current model (trained params merged with the frozen rest)."""
         return nnx.merge(self.graphdef, self.state["params"], self.frozen)
 
-    def maybe_restore(self, data: DataIterator | None) -> int | None:
-        """Resumes from the latest checkpoint in the workdir, onto the current mesh. Returns its step."""
+    def restore(self, data: DataIterator | None = None) -> int | None:
+        """Resumes from the latest checkpoint in the workdir onto the current mesh: the state, `data`'s
+        position and `job_state`. Returns the restored step (None: no checkpoint, nothing changed)."""
+        if data is not None:
+            self._data = data
         step = self.checkpointer.latest_step()
         if step is None:
             return None
-        state, data_state, meta = self.checkpointer.restore(_abstract(self.state), step)
+        state, saved, meta = self.checkpointer.restore(abstract_of(self.state), step)
         self.state = state
-        if data is not None and data_state:
-            data.set_state(data_state)
+        self.job_state = dict(saved.get("job", {}))
+        if self._data is not None and saved.get("iterator"):
+            self._data.set_state(saved["iterator"])
         log.info("resumed from %s/checkpoints step %d (saved on mesh %s)", self.workdir, step, meta.get("mesh"))
         return step
 
-    def save(self, data: DataIterator | None, *, force: bool = False) -> bool:
+    def save(self, *, force: bool = False) -> bool:
+        """Starts an async save of the state, the data position and `job_state` (on the interval, or `force`)."""
+        saved = {"iterator": self._data.get_state() if self._data is not None else {}, "job": dict(self.job_state)}
         meta = {"mesh": dict(self.mesh.shape), "num_trainable": self.num_trainable}
-        return self.checkpointer.save(self.step, self.state, data.get_state() if data else {}, meta, force=force)
+        return self.checkpointer.save(self.current_step, self.state, saved, meta, force=force)
 
-    def train(self, data: DataIterator, eval_fn: EvalFn | None = None) -> TrainResult:
-        cfg = self.cfg
-        self.maybe_restore(data)
+    # ------------------------------------------------------------------------------------------------
+    # Hooks and loops.
+    # ------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def session(self, total_steps: int | None = None, eval_fn: EvalFn | None = None) -> Iterator["Session"]:
+        """The hooks around a loop of steps: SIGTERM -> save + `Preempted`, metrics (JSONL + TensorBoard),
+        progress bar, NaN stop, eval every `eval_every`, checkpoint every `checkpoint_every` and at
+        `total_steps` (default `config.train.steps`). Saves in flight are finished on exit."""
+        total = int(total_steps if total_steps is not None else self.config.train.steps)
         writer = MetricWriter(self.workdir)
-        progress = Progress(cfg.steps, self.step, cfg.batch_size)
-        last: dict[str, float] = {}
+        progress = Progress(total, self.current_step, self.config.train.batch_size)
         try:
             with _SigtermFlag() as sigterm, jax.set_mesh(self.mesh):
-                while self.step < cfg.steps:
-                    batch = parallel.global_batch(self.mesh, next(data))
-                    self.state, metrics = self._step_fn(self.state, self.frozen, batch)
-                    step = self.step
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    if not math.isfinite(metrics["loss"]):
-                        self.checkpointer.wait()
-                        good = self.checkpointer.latest_step()
-                        raise NonFiniteLossError(
-                            f"loss is {metrics['loss']} at step {step} (metrics: {metrics}). Training stopped; the last "
-                            f"good checkpoint is step {good} in {self.checkpointer.directory} and was not overwritten. "
-                            "Lower config.train.learning_rate or check the data around this step."
-                        )
-                    last = metrics
-                    progress.update(metrics["loss"])
-                    if step % cfg.log_every == 0 or step == cfg.steps:
-                        writer.write(step, metrics, prefix="train/")
-                    if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                        writer.write(step, eval_fn(self.model(), step), prefix="eval/")
-                    if sigterm.raised:
-                        self.save(data, force=True)
-                        self.checkpointer.wait()
-                        log.warning("checkpoint for step %d saved after SIGTERM; exiting", step)
-                        raise Preempted(step)
-                    if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                        self.save(data, force=step == cfg.steps)
-            if eval_fn is not None:
-                last.update({f"eval/{k}": v for k, v in eval_fn(self.model(), self.step).items()})
-                writer.write(self.step, {k[5:]: v for k, v in last.items() if k.startswith("eval/")}, prefix="eval/")
+                yield Session(self, total, writer, progress, sigterm, eval_fn)
         finally:
             progress.close()
             writer.close()
             self.checkpointer.wait()
-        return TrainResult(self.step, last, self.model())
+
+    def train(self, data: DataIterator, eval_fn: EvalFn | None = None) -> TrainResult:
+        """The default loop: resume, then `config.train.steps` steps over `data` with every hook, then a final
+        `eval_fn` (its metrics under `eval/` in the result)."""
+        total = self.config.train.steps
+        self.restore(data)
+        last: dict[str, float] = {}
+        with self.session(total, eval_fn) as session:
+            while self.current_step < total:
+                last = session.run_step(next(data))
+            if eval_fn is not None:
+                evaluated = dict(eval_fn(self.model(), self.current_step))
+                session.writer.write(self.current_step, evaluated, prefix="eval/")
+                last.update({f"eval/{k}": v for k, v in evaluated.items()})
+        return TrainResult(self.current_step, last, self.model())
 
     def close(self) -> None:
         self.checkpointer.close()
+
+
+class Session:
+    """The hooks of one loop (made by `Trainer.session`); `run_step` is the only method a loop needs."""
+
+    def __init__(self, trainer: Trainer, total_steps: int, writer: MetricWriter, progress: Progress,
+                 sigterm: _SigtermFlag, eval_fn: EvalFn | None):
+        self.trainer, self.total_steps, self.writer, self.progress = trainer, total_steps, writer, progress
+        self.sigterm, self.eval_fn = sigterm, eval_fn
+
+    def run_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        """One step on `batch` (this host's numpy share, or global `jax.Array`s already on the mesh), then the
+        hooks. Returns the step's metrics as floats. Raises `NonFiniteLossError` or `Preempted`."""
+        t, cfg = self.trainer, self.trainer.config.train
+        t.state, metrics = t.step(t.state, parallel.global_batch(t.mesh, batch))
+        step = t.current_step
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(metrics["loss"]):
+            t.checkpointer.wait()
+            good = t.checkpointer.latest_step()
+            raise NonFiniteLossError(
+                f"loss is {metrics['loss']} at step {step} (metrics: {metrics}). Training stopped; the last "
+                f"good checkpoint is step {good} in {t.checkpointer.directory} and was not overwritten. "
+                "Lower config.train.learning_rate or check the data around this step."
+            )
+        self.progress.update(metrics["loss"])
+        if step % cfg.log_every == 0 or step == self.total_steps:
+            self.writer.write(step, metrics, prefix="train/")
+        if self.eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
+            self.writer.write(step, self.eval_fn(t.model(), step), prefix="eval/")
+        if self.sigterm.raised:
+            t.save(force=True)
+            t.checkpointer.wait()
+            log.warning("checkpoint for step %d saved after SIGTERM; exiting", step)
+            raise Preempted(step)
+        if step % cfg.checkpoint_every == 0 or step == self.total_steps:
+            t.save(force=step == self.total_steps)
+        return metrics

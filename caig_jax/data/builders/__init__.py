@@ -4,8 +4,7 @@
 - `llava_conversations`: LLaVA conversation JSON -> knowledge pre-training examples.
 - `products`: CAIG's product list (tiny.json layout) -> RGBA cut-outs with captions.
 
-Each module has `build(data_dir, ...) -> (dataset folder, build report)`.
+Each module has `build(data_dir, ...) -> (dataset folder, build report)`. Import the modules themselves
+(`from caig_jax.data.builders import ctr_logs`): this package runs no code, so its modules can import each
+other's helpers (`_common`) without an import cycle.
 """
-
-from caig_jax.data.builders import ctr_logs, llava_conversations, products  # noqa: F401
-from caig_jax.data.builders._common import dataset_dir, load_builder  # noqa: F401

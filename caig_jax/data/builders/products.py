@@ -6,7 +6,7 @@
 Input: a JSON list of `{"id", "image": RGBA cut-out path (relative to the file's folder or `image_root`),
 "new_caption", "category"?, "attributes"? (object or string), "split"?}`. Entries with a `split` go to that
 split, the others to `default_split` ("train"). Every image is checked with
-`caig_jax.render.product.load_product_image` (readable, has an alpha channel, alpha not empty). Example:
+`caig_jax.data.product.load_product_image` (readable, has an alpha channel, alpha not empty). Example:
 
     id, image uint8[H, W, 4] (PNG, RGBA), caption, category, attributes (JSON text)
 """
@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 
 from caig_jax.data.builders import _common
 from caig_jax.data.ctr_logs import BadData, DataError
-from caig_jax.render import product as product_lib
+from caig_jax.data import product as product_lib
 
 
 @dataclasses.dataclass(eq=False)

@@ -14,7 +14,7 @@ The ControlNet-inpainting path follows diffusers 0.42's `StableDiffusionControlN
         x = (1 - mask) * add_noise(image_latents, noise, t_next) + mask * x      (mask at latent size, nearest)
     image = VAE.decode(x / scaling_factor) -> uint8
 
-CAIG's product handling wraps it (`Renderer.inpaint_product`, via `caig_jax.render.product`): the cut-out is
+CAIG's product handling wraps it (`Renderer.inpaint_product`, via `caig_jax.data.product`): the cut-out is
 cropped to its alpha box, fitted to 0.78 of the canvas and centred; mask = inverted alpha dilated 20x20;
 control = Canny(100, 200) of the product alone; the original product pixels are pasted back with the undilated
 alpha at the end.
@@ -43,8 +43,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from caig_jax import parallel
-from caig_jax.render import product as product_lib
-from caig_jax.render import schedulers as sched_lib
+from caig_jax.data import product as product_lib
+from caig_jax.diffusion import schedulers as sched_lib
 
 # ---------------------------------------------------------------------------------------------------------------
 # Static description of one sampling program (everything that changes the traced graph).

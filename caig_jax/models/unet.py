@@ -1,7 +1,7 @@
 """Stable Diffusion's `UNet2DConditionModel` in Flax NNX (diffusers 0.42 semantics, NHWC).
 
 Built from a diffusers `unet/config.json` (as a dict or `UNet2DConditionConfig`). Parameter paths follow the
-diffusers state-dict names (see `caig_jax.render.nn`), so `caig_jax.convert.diffusers.load_unet` maps a diffusers
+diffusers state-dict names (see `caig_jax.models.diffusion_layers`), so `caig_jax.convert.diffusers.load_unet` maps a diffusers
 folder or an original-LDM single file onto it.
 
 SD-1.5's naming quirk is kept: `attention_head_dim` in its config is the *number of heads* per block
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from caig_jax.models import layers
-from caig_jax.render import nn
+from caig_jax.models import diffusion_layers as nn
 
 _SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _SUPPORTED_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -301,5 +301,5 @@ class UNet2DConditionModel(nnx.Module):
             upsample_size = tuple(skips[-1].shape[1:3]) if i < len(self.up_blocks) - 1 else None
             x = block(x, res, emb, context, upsample_size)
 
-        x = nn.activation(cfg.act_fn)(self.conv_norm_out(x))
+        x = layers.activation(cfg.act_fn)(self.conv_norm_out(x))
         return self.conv_out(x).astype(jnp.float32)

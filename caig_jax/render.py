@@ -14,51 +14,28 @@ Modules (all NHWC, callable eagerly or under jit, argument names as their diffus
   renderer.vae.decode(z [B,h,w,4]) -> [B,H,W,3];  renderer.vae.scaling_factor
   renderer.text_encoder(input_ids [B,77]) -> (last_hidden_state [B,77,768], pooler_output)
   renderer.tokenizer: transformers CLIPTokenizer;  renderer.scheduler_config: the scheduler_config.json dict
-See `caig_jax.render.pipeline.Renderer` for the sampling entry points and `caig_jax.render.schedulers` for the
-samplers.
+See `caig_jax.diffusion.pipeline.Renderer` for the sampling entry points, `caig_jax.diffusion.schedulers` for the
+samplers, `caig_jax.models.{unet,vae,controlnet}` for the networks and `caig_jax.convert.diffusers` for the
+checkpoint layouts. This module is only the loading entry point.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
+from transformers import CLIPTokenizer
 
-if TYPE_CHECKING:
-    from caig_jax.render.pipeline import Renderer
+from caig_jax.convert.clip import load_clip_text_model
+from caig_jax.convert.diffusers import load_controlnet, load_ldm_single_file, load_unet, load_vae
+from caig_jax.diffusion.pipeline import Renderer
+from caig_jax.diffusion.schedulers import SD15_SCHEDULER_CONFIG, load_scheduler_config
 
-
-def __getattr__(name):
-    # Lazy: `caig_jax.render.product` (pure numpy, used by the data pipeline) must not pull in the sampler.
-    if name == "Renderer":
-        from caig_jax.render.pipeline import Renderer
-
-        return Renderer
-    raise AttributeError(f"module 'caig_jax.render' has no attribute {name!r}")
-
-
-__all__ = ["Renderer", "from_pretrained", "SD15_SCHEDULER_CONFIG"]
-
-# runwayml/stable-diffusion-v1-5 `scheduler/scheduler_config.json`: used for single-file checkpoints, which ship
-# no scheduler config.
-SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
+__all__ = ["Renderer", "from_pretrained"]
 
 
 def _load_tokenizer(folder: str):
-    from transformers import CLIPTokenizer
 
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"tokenizer folder {folder!r} does not exist (expected vocab.json and merges.txt)")
@@ -68,7 +45,7 @@ def _load_tokenizer(folder: str):
         raise ValueError(f"cannot load a CLIP tokenizer from {folder!r}: {e}") from e
 
 
-def from_pretrained(sd_path, *, controlnet_path=None, dtype=jnp.float32, mesh=None) -> "Renderer":
+def from_pretrained(sd_path, *, controlnet_path=None, dtype=jnp.float32, mesh=None) -> Renderer:
     """Loads a Stable Diffusion renderer (and optionally a ControlNet), parameters streamed onto `mesh`.
 
     Args:
@@ -84,11 +61,6 @@ def from_pretrained(sd_path, *, controlnet_path=None, dtype=jnp.float32, mesh=No
       A `Renderer` with `unet`, `vae`, `text_encoder`, `controlnet` (None without one), `tokenizer`,
       `scheduler_config` and `inpaint_product(...)` / `text_to_image(...)`.
     """
-    from caig_jax.convert import diffusers as diffusers_convert
-    from caig_jax.convert.clip import load_clip_text_model
-    from caig_jax.render.pipeline import Renderer
-    from caig_jax.render.schedulers import load_scheduler_config
-
     sd_path = os.fspath(sd_path)
     if not os.path.exists(sd_path):
         raise FileNotFoundError(f"Stable Diffusion checkpoint {sd_path!r} does not exist")
@@ -99,8 +71,8 @@ def from_pretrained(sd_path, *, controlnet_path=None, dtype=jnp.float32, mesh=No
                     f"{sd_path!r} has no {sub}/ folder: expected a diffusers Stable Diffusion pipeline folder "
                     "(unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
                 )
-        unet = diffusers_convert.load_unet(os.path.join(sd_path, "unet"), dtype=dtype, mesh=mesh)
-        vae = diffusers_convert.load_vae(os.path.join(sd_path, "vae"), dtype=dtype, mesh=mesh)
+        unet = load_unet(os.path.join(sd_path, "unet"), dtype=dtype, mesh=mesh)
+        vae = load_vae(os.path.join(sd_path, "vae"), dtype=dtype, mesh=mesh)
         text_encoder = load_clip_text_model(
             os.path.join(sd_path, "text_encoder"), dtype=dtype, mesh=mesh, param_dtype=dtype
         )
@@ -114,7 +86,7 @@ def from_pretrained(sd_path, *, controlnet_path=None, dtype=jnp.float32, mesh=No
                 f"{sd_path!r} is a single-file checkpoint, which ships no tokenizer: put SD-1.5's tokenizer/ folder "
                 f"(vocab.json, merges.txt) at {tokenizer_dir!r}"
             )
-        parts = diffusers_convert.load_ldm_single_file(sd_path, dtype=dtype, mesh=mesh)
+        parts = load_ldm_single_file(sd_path, dtype=dtype, mesh=mesh)
         unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
         tokenizer = _load_tokenizer(tokenizer_dir)
         scheduler_dir = os.path.join(parent, "scheduler")
@@ -125,7 +97,7 @@ def from_pretrained(sd_path, *, controlnet_path=None, dtype=jnp.float32, mesh=No
             scheduler_config = dict(SD15_SCHEDULER_CONFIG)
     controlnet = None
     if controlnet_path:
-        controlnet = diffusers_convert.load_controlnet(os.fspath(controlnet_path), dtype=dtype, mesh=mesh)
+        controlnet = load_controlnet(os.fspath(controlnet_path), dtype=dtype, mesh=mesh)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     sample_size = unet.config.sample_size
     if isinstance(sample_size, (tuple, list)):

@@ -32,8 +32,10 @@ import numpy as np
 from PIL import Image
 
 from caig_jax import parallel
-from caig_jax.render import SD15_SCHEDULER_CONFIG
-from caig_jax.render import product as product_lib
+from caig_jax.files import write_json_atomic
+import caig_jax.render as render
+from caig_jax.diffusion.schedulers import SD15_SCHEDULER_CONFIG
+from caig_jax.data import product as product_lib
 
 # ---------------------------------------------------------------------------------------------------------------
 # A tiny random SD-1.5-shaped pipeline in the diffusers folder layout.
@@ -294,20 +296,7 @@ def contact_sheet(rows: list[list[np.ndarray]], labels: list[str], pad: int = 4,
     return np.asarray(sheet)
 
 
-def _write_json_atomic(path: str, data: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The job.
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def _resolve_model(config: ml_collections.ConfigDict, workdir: str):
-    import caig_jax.render as render
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
     if dtype is None:
@@ -436,7 +425,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             for k in range(len(p["prompts"]))
         ],
     }
-    _write_json_atomic(os.path.join(workdir, "render_report.json"), report)
+    write_json_atomic(os.path.join(workdir, "render_report.json"), report)
     lines = [
         "# Render report",
         "",

@@ -27,19 +27,6 @@ from caig_jax.models import layers
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def activation(name: str):
-    """diffusers' `get_activation` for the activations SD-family configs use."""
-    if name in ("silu", "swish"):
-        return jax.nn.silu
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name == "mish":
-        return lambda x: x * jnp.tanh(jax.nn.softplus(x))
-    if name == "relu":
-        return jax.nn.relu
-    raise ValueError(f"unsupported activation {name!r}; supported: silu, swish, gelu, mish, relu")
-
-
 def group_norm(features: int, num_groups: int, *, rngs: nnx.Rngs, eps: float, param_dtype) -> nnx.GroupNorm:
     """`layers.group_norm` with two-pass variance: SD activations (VAE decoder especially) have means large
     against their spread, where E[x^2] - E[x]^2 loses the float32 digits the parity tests need."""
@@ -125,7 +112,7 @@ class TimestepEmbedding(nnx.Module):
         self.act_fn = act_fn
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.linear_2(activation(self.act_fn)(self.linear_1(x)))
+        return self.linear_2(layers.activation(self.act_fn)(self.linear_1(x)))
 
 
 class ResnetBlock2D(nnx.Module):
@@ -162,7 +149,7 @@ class ResnetBlock2D(nnx.Module):
         self.output_scale_factor = output_scale_factor
 
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        act = activation(self.act_fn)
+        act = layers.activation(self.act_fn)
         h = self.conv1(act(self.norm1(x)))
         if self.time_emb_proj is not None and temb is not None:
             h = h + self.time_emb_proj(act(temb))[:, None, None, :]

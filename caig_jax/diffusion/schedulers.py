@@ -35,6 +35,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+# runwayml/stable-diffusion-v1-5 `scheduler/scheduler_config.json`: used for single-file checkpoints, which ship
+# no scheduler config.
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
 SCHEDULERS = ("euler_ancestral", "euler", "ddim", "dpmpp_2m")
 
 # Per-class defaults of the diffusers constructors (diffusers 0.42.1). `from_config` fills missing keys from the

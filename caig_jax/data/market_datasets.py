@@ -1,11 +1,8 @@
-"""The `market` job: simulate the marketplace and build its TFDS datasets (configs/market.py).
+"""The marketplace's datasets: simulate the world and build its TFDS datasets (what the `market` job runs).
 
-    python -m caig_jax.main --config=configs/market.py:tiny --workdir=DIR
-
-Writes `DIR/market/` (see `caig_jax.data.market.make_market`), `DIR/tfds/` (`ctr_logs/market`,
-`llava_conversations/market`, `products/market`, array_record) and `DIR/market_report.{json,md}`, and
-prints a short report. `build_world(config, workdir)` does the same and returns the report; the reward job
-calls it when its workdir has no data yet.
+`build_world(config, workdir)` writes `workdir/market/` (`caig_jax.data.market.make_market`), `workdir/tfds/`
+(`ctr_logs/market`, `ctr_logs/market_wide`, `llava_conversations/market`, `products/market`, array_record) and
+`workdir/market_report.{json,md}`; `config` is a `configs/market.py` config (the reward job nests one).
 """
 
 from __future__ import annotations
@@ -17,8 +14,10 @@ import time
 from typing import Any
 
 import ml_collections
+from absl import logging as absl_logging
 
 from caig_jax.data import market as market_lib
+from caig_jax.data.builders import ctr_logs, llava_conversations, products
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +35,16 @@ def _market_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def build_world(config: ml_collections.ConfigDict, workdir: str, *, verbose: bool = True) -> dict[str, Any]:
     """Simulates the market and builds the datasets under `workdir`; returns the report dict."""
-    from absl import logging as absl_logging
-
-    from caig_jax.data.builders import ctr_logs, llava_conversations, products
-
     # TFDS logs every shard it writes at INFO; the job prints its own summary instead.
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.WARNING)
     try:
-        return _build_world(config, workdir, verbose, ctr_logs, llava_conversations, products)
+        return _build_world(config, workdir, verbose)
     finally:
         absl_logging.set_verbosity(verbosity)
 
 
-def _build_world(config, workdir, verbose, ctr_logs, llava_conversations, products) -> dict[str, Any]:
+def _build_world(config, workdir, verbose) -> dict[str, Any]:
     t0 = time.time()
     market_dir = os.path.join(workdir, "market")
     data_dir = os.path.join(workdir, "tfds")
@@ -159,6 +154,3 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    os.makedirs(workdir, exist_ok=True)
-    return build_world(config, workdir)

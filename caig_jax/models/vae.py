@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from caig_jax.models import layers
-from caig_jax.render import nn
+from caig_jax.models import diffusion_layers as nn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,7 @@ class Encoder(nnx.Module):
         for block in self.down_blocks:
             x, _ = block(x)
         x = self.mid_block(x)
-        return self.conv_out(nn.activation(self.act_fn)(self.conv_norm_out(x)))
+        return self.conv_out(layers.activation(self.act_fn)(self.conv_norm_out(x)))
 
 
 class Decoder(nnx.Module):
@@ -156,7 +156,7 @@ class Decoder(nnx.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(nn.activation(self.act_fn)(self.conv_norm_out(x)))
+        return self.conv_out(layers.activation(self.act_fn)(self.conv_norm_out(x)))
 
 
 class AutoencoderKL(nnx.Module):

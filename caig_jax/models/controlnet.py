@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from caig_jax.models import layers
-from caig_jax.render import nn, unet
+from caig_jax.models import diffusion_layers as nn, unet
 
 UNSUPPORTED_CONTROLNET_OPTIONS = {
     "class_embed_type": None,

@@ -1,0 +1,149 @@
+"""No import cycles between caig_jax modules, and library code never reads configs/.
+
+Counts every import statement anywhere in a module (function-local and `TYPE_CHECKING` ones included),
+`importlib.import_module("literal")`, and the package `__init__` modules that importing `a.b.c` runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "caig_jax")
+
+
+def _modules() -> dict[str, str]:
+    """module name -> file path, for every .py under caig_jax/ (packages as `a.b` for `a/b/__init__.py`)."""
+    out = {}
+    base = os.path.dirname(ROOT)
+    for folder, _, files in os.walk(ROOT):
+        for name in files:
+            if name.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, name), base)[:-3].split(os.sep)
+                if rel[-1] == "__init__":
+                    rel = rel[:-1]
+                out[".".join(rel)] = os.path.join(folder, name)
+    return out
+
+
+def _imported(tree: ast.AST, module: str, is_package: bool, known: set[str]) -> set[str]:
+    """Every caig_jax module `tree` imports, with the packages whose __init__ those imports run."""
+    names: set[str] = set()
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[: len(parts) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "import_module" and node.args and isinstance(node.args[0], ast.Constant)):
+            names.add(str(node.args[0].value))
+    out = set()
+    for name in names:
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__, a/b/__init__, then a.b.c
+            prefix = ".".join(parts[:i])
+            if prefix in known and prefix != module and prefix != "caig_jax":
+                out.add(prefix)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    graph = {}
+    for name, path in modules.items():
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        graph[name] = _imported(tree, name, path.endswith("__init__.py"), known)
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+    counter = [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_finder_sees_a_function_local_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycles(graph) == [["a", "b", "c"]]
+    tree = ast.parse("def f():\n    from caig_jax.x import y\n    import importlib\n    importlib.import_module('caig_jax.z')\n")
+    assert _imported(tree, "caig_jax.w", False, {"caig_jax.x", "caig_jax.x.y", "caig_jax.z"}) == {
+        "caig_jax.x", "caig_jax.x.y", "caig_jax.z"}
+
+
+def test_no_import_cycles():
+    cycles = find_cycles(import_graph())
+    assert not cycles, "import cycles between caig_jax modules:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_library_never_reads_configs_folder():
+    offenders = []
+    for name, path in _modules().items():
+        with open(path) as f:
+            text = f.read()
+        if "configs/" in text.replace("`configs/", "").replace("(configs/", "") and "load_config(f\"configs/" in text:
+            offenders.append(name)
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("configs/"):
+                offenders.append(f"{name}: {node.value!r}")
+            if isinstance(node, ast.JoinedStr) and any(
+                isinstance(v, ast.Constant) and str(v.value).startswith("configs/") for v in node.values[:1]
+            ):
+                offenders.append(f"{name}: f-string starting with configs/")
+    assert not offenders, f"library modules that read configs/: {offenders}"
+
+
+JOBS = ("smoke", "reward", "market", "render", "eval_sweep")
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_every_job_imports_alone(job):
+    out = subprocess.run([sys.executable, "-c", f"import caig_jax.jobs.{job}"], capture_output=True, text=True,
+                         cwd=os.path.dirname(ROOT), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_main_jobs_point_only_into_jobs_package():
+    from caig_jax import main
+
+    assert all(module == f"caig_jax.jobs.{name}" for name, module in main.JOBS.items()), main.JOBS
