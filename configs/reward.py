@@ -1,6 +1,6 @@
 """Reward job: CAIG's pairwise CTR reward model (LLaVA-NeXT + cls/ctr heads, CE + 0.5 * MSE).
 
-Run (CPU, tiny: 8-10 minutes on 2 cores, marketplace included):
+Run (CPU, tiny; marketplace included; its measured time and results are in the README):
     python -m caig_jax.main --config=configs/reward.py:tiny --workdir=runs/reward_tiny
 
 Expect: the synthetic marketplace built into `<workdir>/market/` (first run only), a progress bar with
@@ -10,14 +10,11 @@ accuracy, and `target_met: true` when accuracy - 0.5 >= 0.8 * (oracle - 0.5). Re
 per-category accuracy, CTR head ordering accuracy and correlation, calibration plot, margin vs true CTR
 difference, the ablation table) and `tensorboard --logdir <workdir>`.
 
-Measured on 2 cores: 9 min 14 s (8 min 24 s to 10 min 14 s with the machine's load); accuracy 0.659 [0.636, 0.682]
-on 1621 held-out pairs vs oracle 0.693 (bar 0.655): target met (see the README).
-
 Presets (`:ARG`):
 - `tiny`: a randomly initialised tiny LLaVA-NeXT (2 decoder layers of width 64 with RoPE base 30, a 2-layer CLIP
   tower on 32 px tiles) trained from scratch on 32x64 pair images of a 1200-product marketplace
   (`configs/market.py:reward`); a word-level tokenizer is built from the data into `<workdir>/tokenizer`. The CPU
-  is split into 4 XLA devices (`cpu_devices`), the batch sharded over them: 1.7x the steps of one device.
+  is split into 4 XLA devices (`cpu_devices`), the batch sharded over them.
 - `7b`: LLaVA-v1.6-Vicuna-7B on a TPU pod slice: set `--config.model.pretrained=/path/to/llava-v1.6-vicuna-7b`
   (transformers or original-LLaVA layout; heads are loaded if present, else initialised) and
   `--config.data.dir=/path/to/tfds` (your `ctr_logs` dataset). bf16 compute with fp32 master weights, frozen
@@ -41,7 +38,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     # On a CPU host: split it into this many XLA devices, the batch sharded over them (caig_jax.parallel.
     # set_cpu_devices: XLA's CPU backend runs most fused elementwise ops on one thread). 0: one device.
-    # Tiny training step on 2 cores: 1 device 0.157 s, 4 devices 0.093 s, 8 devices 0.11 s.
     c.cpu_devices = 4
 
     c.data = ml_collections.ConfigDict()
@@ -54,9 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (same train items, ratio >= 1.05 with no upper bound): the tiny model learns the click model from its
     # clearly ordered pairs; val/test always use CAIG's 1.05-1.20 pairs (`market`). See data/README.md.
     c.data.train_config = "market_wide"
-    # Keep the training pairs in memory after their first read, for later epochs and the ablation run: the
-    # record read + PNG decode costs ~1.5 ms of CPU an example, taken from the training step on 2 cores
-    # (measured: 0.109 -> 0.096 s a step). Small data only (the tiny marketplace: ~170 MB).
+    # Keep the training pairs in memory after their first read, for later epochs and the ablation run (no
+    # record read + PNG decode per step). Small data only (the tiny marketplace: ~170 MB).
     c.data.cache_train_examples = True
     c.data.val_split = "val"
     c.data.test_split = "test"
@@ -79,8 +74,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # RoPE base of the tiny decoder. Llama's 10000 spreads a 16-dim head's 8 periods over 6 to 19869 tokens: only
     # 2 are short enough to resolve LLaVA-NeXT's row-major tile layout (the left tile's columns and the right's
     # alternate every 4 tokens) and 3 barely turn over our 176 tokens. Base 30 spreads them over 6 to 125 tokens.
-    # Measured on the tiny job, held-out agreement with the true order: 10000 -> 0.73, 100 -> 0.77, 30 -> 0.78,
-    # 10 -> 0.76 (one run each; the loss also leaves ln 2 at once instead of after 300-500 steps).
     c.model.tiny.rope_theta = 30.0
     c.model.tiny.vision_hidden_size = 64
     c.model.tiny.vision_layers = 2
@@ -92,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ablation_point_weights = (0.0,)  # extra runs (same data, same seed) reported side by side
 
     c.train = train_config()
-    c.train.steps = 2000  # x2 with the ablation run: the whole tiny job stays under 10 minutes on 2 cores
+    c.train.steps = 2000  # x2 with the ablation run
     c.train.batch_size = 32
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 100

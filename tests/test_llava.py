@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from caig_jax import parallel
 from caig_jax.convert.common import CheckpointMismatchError
-from caig_jax.models.llava import read_llava_config
 from caig_jax.models import llava
 from caig_jax.models.clip import CLIP_VIT_L_14_336
+from caig_jax.models.llava import read_llava_config
 from tests._llava_fixtures import (
     IMAGE_TOKEN,
     NEXT_SIZES,

@@ -14,8 +14,8 @@ from PIL import Image
 
 import caig_jax.render as render
 from caig_jax import parallel
-from caig_jax.jobs import render as render_job
 from caig_jax.data import product as product_lib
+from caig_jax.jobs import render as render_job
 
 PROMPTS = ["a red mug on a wooden table", "blue sky, soft light", "marble kitchen counter"]
 NEGATIVE = ["blurry", "", "low quality, text"]

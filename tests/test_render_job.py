@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caig_jax.main import JOBS, load_config
-from caig_jax.jobs import render as render_job
 from caig_jax.data import product as product_lib
+from caig_jax.jobs import render as render_job
+from caig_jax.main import JOBS, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,13 +75,13 @@ def test_malformed_products_file(tmp_path):
     path = tmp_path / "products.json"
     path.write_text(json.dumps([{"id": "a", "image": "a.png"}]))
     with pytest.raises(ValueError, match="entry 0: missing key 'prompt'"):
-        render_job.read_products(str(path))
+        product_lib.read_products(str(path))
     with pytest.raises(FileNotFoundError, match="nope.json"):
-        render_job.read_products(str(tmp_path / "nope.json"))
+        product_lib.read_products(str(tmp_path / "nope.json"))
 
 
 def test_render_job_tiny(tmp_path):
-    assert JOBS["render"] == "caig_jax.render.job"
+    assert JOBS["render"] == "caig_jax.jobs.render"
     workdir = str(tmp_path / "work")
     config = tiny_config(num_products=3, prompts_per_product=2)
     render_job.run(config, workdir)
@@ -89,7 +89,7 @@ def test_render_job_tiny(tmp_path):
     report = json.load(open(os.path.join(workdir, "render_report.json")))
     assert report["num_images"] == 6 and report["num_products"] == 3 and report["tiny_random_weights"]
     assert report["bucket_size"] == 8 and report["images_per_second_steady"] > 0
-    products = render_job.read_products(report["products_file"])
+    products = product_lib.read_products(report["products_file"])
     for entry in report["renders"]:
         image = np.asarray(Image.open(os.path.join(workdir, entry["file"])))
         assert image.shape == (64, 64, 3) and image.dtype == np.uint8

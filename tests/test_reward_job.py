@@ -6,11 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from caig_jax.data import market_datasets
+from caig_jax.data import market_datasets, reward_inputs
+from caig_jax.jobs import reward
 from caig_jax.main import load_config
 from caig_jax.metrics import read_jsonl
-from caig_jax.data import reward_inputs
-from caig_jax.jobs import reward
 from caig_jax.models.reward import predict_batch
 from caig_jax.trainers.reward import load_trained
 

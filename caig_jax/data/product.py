@@ -20,7 +20,9 @@ alpha, which covers that border again with the original pixels.
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 import cv2
 import numpy as np
@@ -164,3 +166,62 @@ def paste_product(image_rgb: np.ndarray, placed_rgba: np.ndarray) -> np.ndarray:
     alpha = placed_rgba[..., 3:].astype(np.float32) / 255.0
     out = image_rgb.astype(np.float32) * (1.0 - alpha) + placed_rgba[..., :3].astype(np.float32) * alpha
     return np.clip(out.round(), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Product lists (CAIG's JSON layout).
+# ---------------------------------------------------------------------------------------------------------------
+class ProductsFileError(ValueError):
+    """The products JSON is malformed (names the file and the entry)."""
+
+
+def read_products(path: str) -> list[dict[str, Any]]:
+    """Reads and checks the products JSON; loads every image (RGBA, non-empty alpha) before returning.
+
+    Returns a list of {"id": str, "image_path": str, "caption": str, "prompts": [str, ...], "rgba": uint8[H,W,4]}.
+    Image paths are relative to the JSON file's folder unless absolute. The caption is CAIG's `new_caption` key,
+    else `caption`, else `title` (CAIG's product lists use `new_caption`).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"products file {path!r} does not exist")
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ProductsFileError(f"products file {path!r} is not valid JSON: {e}") from e
+    if not isinstance(entries, list) or not entries:
+        raise ProductsFileError(f"products file {path!r} must hold a non-empty JSON list of products")
+    base = os.path.dirname(os.path.abspath(path))
+    products, seen = [], set()
+    for i, entry in enumerate(entries):
+        where = f"{path!r} entry {i}"
+        if not isinstance(entry, dict):
+            raise ProductsFileError(f"{where}: expected an object with id, image, caption, prompt; got {entry!r}")
+        for key in ("id", "image", "prompt"):
+            if key not in entry:
+                raise ProductsFileError(f"{where}: missing key {key!r} (keys: {sorted(entry)})")
+        pid = str(entry["id"])
+        if pid in seen:
+            raise ProductsFileError(f"{where}: duplicate id {pid!r}")
+        seen.add(pid)
+        prompts = entry["prompt"]
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ProductsFileError(f"{where} (id {pid!r}): 'prompt' must be a string or a non-empty list of strings")
+        image_path = entry["image"]
+        if not isinstance(image_path, str) or not image_path:
+            raise ProductsFileError(f"{where} (id {pid!r}): 'image' must be a path string")
+        image_path = image_path if os.path.isabs(image_path) else os.path.join(base, image_path)
+        rgba = load_product_image(image_path)  # names the file on any problem
+        products.append(
+            {"id": pid, "image_path": image_path, "caption": _caption(entry), "prompts": prompts,
+             "rgba": rgba}
+        )
+    return products
+
+
+def _caption(entry: dict[str, Any]) -> str:
+    for key in ("new_caption", "caption", "title"):
+        if entry.get(key):
+            return str(entry[key])
+    return ""

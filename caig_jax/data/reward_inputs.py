@@ -21,11 +21,10 @@ import ml_collections
 import numpy as np
 from transformers import AutoTokenizer
 
-from caig_jax.models.llava import read_llava_config
 from caig_jax.data.ctr_logs import DataError
 from caig_jax.data.loader import InMemoryPairSource, reward_batches, reward_pair_source
 from caig_jax.models.image_processing import ImageProcessor, ImageProcessorConfig
-from caig_jax.models.llava import LlavaConfig, layout_for
+from caig_jax.models.llava import LlavaConfig, layout_for, read_llava_config
 from caig_jax.models.processing import LlavaInputs, build_word_tokenizer, render_conversation
 from caig_jax.models.reward import reward_prompt, tiny_llava_config
 

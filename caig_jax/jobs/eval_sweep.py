@@ -23,10 +23,10 @@ and the table. The workdir and checkpoints must be on a filesystem every host se
 from __future__ import annotations
 
 import csv
-import io
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
@@ -38,7 +38,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-
 from jax.experimental import multihost_utils
 
 from caig_jax import parallel

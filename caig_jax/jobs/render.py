@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +30,12 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from caig_jax import parallel
-from caig_jax.files import write_json_atomic
 import caig_jax.render as render
-from caig_jax.diffusion.schedulers import SD15_SCHEDULER_CONFIG
+from caig_jax import parallel
+from caig_jax.data import market
 from caig_jax.data import product as product_lib
+from caig_jax.diffusion.schedulers import SD15_SCHEDULER_CONFIG
+from caig_jax.files import write_json_atomic
 
 # ---------------------------------------------------------------------------------------------------------------
 # A tiny random SD-1.5-shaped pipeline in the diffusers folder layout.
@@ -173,92 +173,22 @@ def write_tiny_sd(folder: str, *, seed: int = 0) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Products: reading and checking the JSON list, or drawing a few synthetic ones.
+# Synthetic products (the products list itself is read by `caig_jax.data.product.read_products`).
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class ProductsFileError(ValueError):
-    """The products JSON is malformed (names the file and the entry)."""
-
-
-def read_products(path: str) -> list[dict[str, Any]]:
-    """Reads and checks the products JSON; loads every image (RGBA, non-empty alpha) before returning.
-
-    Returns a list of {"id": str, "image_path": str, "caption": str, "prompts": [str, ...], "rgba": uint8[H,W,4]}.
-    Image paths are relative to the JSON file's folder unless absolute.
-    """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"products file {path!r} does not exist")
-    try:
-        with open(path) as f:
-            entries = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ProductsFileError(f"products file {path!r} is not valid JSON: {e}") from e
-    if not isinstance(entries, list) or not entries:
-        raise ProductsFileError(f"products file {path!r} must hold a non-empty JSON list of products")
-    base = os.path.dirname(os.path.abspath(path))
-    products, seen = [], set()
-    for i, entry in enumerate(entries):
-        where = f"{path!r} entry {i}"
-        if not isinstance(entry, dict):
-            raise ProductsFileError(f"{where}: expected an object with id, image, caption, prompt; got {entry!r}")
-        for key in ("id", "image", "prompt"):
-            if key not in entry:
-                raise ProductsFileError(f"{where}: missing key {key!r} (keys: {sorted(entry)})")
-        pid = str(entry["id"])
-        if pid in seen:
-            raise ProductsFileError(f"{where}: duplicate id {pid!r}")
-        seen.add(pid)
-        prompts = entry["prompt"]
-        prompts = [prompts] if isinstance(prompts, str) else prompts
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ProductsFileError(f"{where} (id {pid!r}): 'prompt' must be a string or a non-empty list of strings")
-        image_path = entry["image"]
-        if not isinstance(image_path, str) or not image_path:
-            raise ProductsFileError(f"{where} (id {pid!r}): 'image' must be a path string")
-        image_path = image_path if os.path.isabs(image_path) else os.path.join(base, image_path)
-        rgba = product_lib.load_product_image(image_path)  # names the file on any problem
-        products.append(
-            {"id": pid, "image_path": image_path, "caption": str(entry.get("caption", "")), "prompts": prompts,
-             "rgba": rgba}
-        )
-    return products
-
-
-def _draw_shape_product(index: int, rng: np.random.Generator, size: int = 256) -> np.ndarray:
-    """A procedurally drawn RGBA object (rounded box + disc), used when caig_jax.data.market is absent."""
-    yy, xx = np.mgrid[:size, :size] / size
-    h, w = rng.uniform(0.35, 0.8, 2)
-    box = (np.abs(yy - 0.55) < h / 2) & (np.abs(xx - 0.5) < w / 2)
-    disc = (yy - 0.55 + h / 2) ** 2 + (xx - 0.5) ** 2 < (w / 3) ** 2
-    alpha = (box | disc).astype(np.uint8) * 255
-    colour = rng.integers(30, 230, 3)
-    shade = (0.75 + 0.25 * xx)[..., None]
-    rgb = np.clip(colour * shade + 40 * disc[..., None], 0, 255).astype(np.uint8)
-    return np.concatenate([rgb, alpha[..., None]], axis=-1)
-
-
 def write_synthetic_products(folder: str, num_products: int, prompts_per_product: int, seed: int) -> str:
-    """Draws `num_products` RGBA products (caig_jax.data.market's categories if present) with prompts, writes
-    them as PNGs plus a products.json in `folder`, and returns the JSON path."""
+    """Draws `num_products` RGBA products of the marketplace (`caig_jax.data.market`) with prompts, writes them as
+    PNGs plus a products.json in `folder`, and returns the JSON path."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     entries = []
-    try:
-        from caig_jax.data import market
-    except ImportError:
-        market = None
     for i in range(num_products):
-        if market is not None:
-            category = list(market.CATEGORIES)[i % len(market.CATEGORIES)]
-            item = market.make_product(i, category, seed)
-            rgba = market.product_image(item, 256)
-            pid, caption = item.id, item.title
-            prompts = [market.sample_prompt(rng, category) for _ in range(prompts_per_product)]
-        else:
-            rgba = _draw_shape_product(i, rng)
-            pid, caption = f"shape{i:03d}", f"synthetic object {i}"
-            prompts = [f"studio backdrop, soft lighting, variant {k}" for k in range(prompts_per_product)]
+        category = list(market.CATEGORIES)[i % len(market.CATEGORIES)]
+        item = market.make_product(i, category, seed)
+        rgba = market.product_image(item, 256)
+        pid, caption = item.id, item.title
+        prompts = [market.sample_prompt(rng, category) for _ in range(prompts_per_product)]
         name = f"{pid}.png"
         Image.fromarray(rgba, "RGBA").save(os.path.join(folder, name))
         entries.append({"id": pid, "image": name, "caption": caption, "prompt": prompts})
@@ -337,12 +267,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             os.path.join(workdir, "products"), config.num_products, config.prompts_per_product, config.seed
         )
         logging.info("No products file given: drew %d synthetic products into %s", config.num_products, products_path)
-    products = read_products(products_path)
+    products = product_lib.read_products(products_path)
     names: dict[str, str] = {}
     for p in products:
         other = names.setdefault(_safe_name(p["id"]), p["id"])
         if other != p["id"]:
-            raise ProductsFileError(f"{products_path!r}: ids {other!r} and {p['id']!r} map to the same file name")
+            raise product_lib.ProductsFileError(f"{products_path!r}: ids {other!r} and {p['id']!r} map to the same file name")
     work = [(p, k, prompt) for p in products for k, prompt in enumerate(p["prompts"])]
     logging.info("%d products, %d images to render", len(products), len(work))
 

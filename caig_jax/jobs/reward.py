@@ -20,9 +20,9 @@ import jax
 import ml_collections
 
 from caig_jax import parallel
+from caig_jax.data.loader import reward_batches
 from caig_jax.data.market_datasets import build_world
 from caig_jax.data.reward_inputs import RewardInputBatches, build_inputs, pair_batches, train_source
-from caig_jax.data.loader import reward_batches
 from caig_jax.eval import reward_accuracy
 from caig_jax.eval.pairwise import evaluate
 from caig_jax.eval.report import write_report

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from caig_jax.models import layers
-from caig_jax.models import diffusion_layers as nn, unet
+from caig_jax.models import diffusion_layers as nn
+from caig_jax.models import layers, unet
 
 UNSUPPORTED_CONTROLNET_OPTIONS = {
     "class_embed_type": None,

@@ -14,6 +14,10 @@ Outputs are channels-first: CLIP / LLaVA-1.5 give `pixel_values float32[B, 3, H,
 `pixel_values float32[B, P, 3, H, W]` (P = most tiles in the batch, base image first) and
 `image_sizes int32[B, 2]` (original height, width).
 
+Why ours and not those transformers classes themselves (they need no torch either): the same outputs cost
+2-8x less host time here, and the host converts every training batch while the devices step
+(`benchmarks/bench_image_processing.py`; figures in the README's benchmark section).
+
 The anyres geometry (`select_best_resolution`, `get_anyres_image_grid_shape`, `image_size_to_num_patches`,
 `unpad_bounds`) lives here too because the model needs the same arithmetic to pack image features.
 """

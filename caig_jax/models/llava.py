@@ -54,8 +54,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
-from transformers import LlavaConfig as HFLlavaConfig, LlavaNextConfig as HFLlavaNextConfig
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from transformers import LlavaConfig as HFLlavaConfig
+from transformers import LlavaNextConfig as HFLlavaNextConfig
 
 from caig_jax import parallel
 from caig_jax.convert.clip import load_module, read_json
@@ -70,6 +72,8 @@ from caig_jax.models.llama import (
     config_from_mapping,
     positions_from_mask,
     sample_logits,
+)
+from caig_jax.models.llama import (
     token_logprobs as _token_logprobs_from_logits,
 )
 

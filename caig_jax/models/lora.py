@@ -4,6 +4,11 @@
 `LoRALinear` wrappers. The adapters are `nnx.LoRAParam`s, so "train only LoRA" is the filter
 `nnx.LoRAParam` and everything else stays frozen (no gradients, no optimizer state). `B` starts at zero, so
 the adapted model computes exactly what the base model did until the first update.
+
+Why not `nnx.LoRA(..., base_module=linear)` / `nnx.LoRALinear` (flax 0.12.8): they compute `x @ a @ b` with no
+`alpha / rank` scale, which LoRA as CAIG trains it needs (rank 128, alpha 256: the update is scaled by 2, and the
+scale sets the effective learning rate of the adapters), and `nnx.LoRALinear` builds a new Linear rather than
+wrapping a pretrained one that already lives sharded on a mesh.
 """
 
 from __future__ import annotations

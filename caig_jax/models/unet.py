@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from caig_jax.models import layers
 from caig_jax.models import diffusion_layers as nn
+from caig_jax.models import layers
 
 _SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _SUPPORTED_UP = ("CrossAttnUpBlock2D", "UpBlock2D")

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from caig_jax.models import layers
 from caig_jax.models import diffusion_layers as nn
+from caig_jax.models import layers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,11 +18,11 @@ from flax import nnx
 
 from caig_jax import parallel
 from caig_jax.checkpoint import restore_params
-from caig_jax.models.reward import from_pretrained as reward_from_pretrained
 from caig_jax.data.reward_inputs import build_inputs
 from caig_jax.models.llava import LlavaConfig
 from caig_jax.models.lora import apply_lora
 from caig_jax.models.reward import RewardModel
+from caig_jax.models.reward import from_pretrained as reward_from_pretrained
 from caig_jax.objectives.reward import reward_loss
 from caig_jax.trainers.trainer import trainable_filter
 
