@@ -35,6 +35,7 @@ from flax import nnx
 
 from caig_jax.convert.clip import detect_prefix, load_module, read_json
 from caig_jax.convert.common import SafetensorsReader
+from caig_jax.errors import MissingPathError
 from caig_jax.models.clip import BUILTIN_VISION_CONFIGS, CLIPVisionConfig
 from caig_jax.models.llama import LlamaForCausalLM, config_from_mapping
 from caig_jax.models.llava import LLAVA_IMAGE_TOKEN_INDEX, LlavaConfig, LlavaModel, eos_and_pad_ids
@@ -198,7 +199,7 @@ def load_llava(
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"LLaVA checkpoint folder {path!r} does not exist")
+        raise MissingPathError(f"LLaVA checkpoint folder {path!r} does not exist")
     config, layout = read_llava_config(path)
     reader = SafetensorsReader(path)
     what = f"LLaVA checkpoint {path} ({layout} layout)"

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from caig_jax import parallel
+from caig_jax.errors import MissingPathError
 from caig_jax.models import layers
 from caig_jax.models.llava import LlavaConfig, LlavaModel, last_non_pad_index  # noqa: F401 (re-exported)
 
@@ -88,7 +89,7 @@ def from_pretrained(
 
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"reward model folder {path!r} does not exist")
+        raise MissingPathError(f"reward model folder {path!r} does not exist")
     config, layout = convert_llava.read_llava_config(path)
     reader = SafetensorsReader(path)
     what = f"reward model {path} ({layout} layout)"

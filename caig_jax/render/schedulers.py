@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from caig_jax.errors import MissingPathError
+
 SCHEDULERS = ("euler_ancestral", "euler", "ddim", "dpmpp_2m")
 
 # Per-class defaults of the diffusers constructors (diffusers 0.42.1). `from_config` fills missing keys from the
@@ -196,7 +198,7 @@ def load_scheduler_config(path: str) -> dict[str, Any]:
     """Reads `scheduler_config.json` (a file or the `scheduler/` folder holding it)."""
     file = os.path.join(path, "scheduler_config.json") if os.path.isdir(path) else path
     if not os.path.exists(file):
-        raise FileNotFoundError(f"scheduler config not found: {file} (expected a diffusers scheduler_config.json)")
+        raise MissingPathError(f"scheduler config not found: {file} (expected a diffusers scheduler_config.json)")
     with open(file) as f:
         try:
             return json.load(f)
