@@ -8,6 +8,8 @@ import sys
 
 from ml_collections import ConfigDict
 
+from caig_jax.errors import MissingPathError
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -41,7 +43,7 @@ def load_config(spec: str) -> ConfigDict:
     add_config_root(path)
     module_spec = importlib.util.spec_from_file_location("_caig_config", path)
     if module_spec is None or module_spec.loader is None:
-        raise FileNotFoundError(f"config file {path!r} not found")
+        raise MissingPathError(f"config file {path!r} not found")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)

@@ -21,9 +21,16 @@ def _scalar(value) -> float:
 
 
 class MetricWriter:
-    """Writes scalars to `<workdir>/tensorboard/` (tensorboardX) and `<workdir>/metrics.jsonl`."""
+    """Writes scalars to `<workdir>/tensorboard/` (tensorboardX) and `<workdir>/metrics.jsonl`.
 
-    def __init__(self, workdir: str):
+    Args:
+      workdir: the run's folder.
+      start_step: the step the run (re)starts from: the restored checkpoint's step, or 0 for a fresh start.
+        Rows written after it by an earlier, interrupted run are dropped from metrics.jsonl and purged from
+        TensorBoard, so the steps that run again leave exactly one row each. None keeps every existing row.
+    """
+
+    def __init__(self, workdir: str, start_step: int | None = None):
         self.enabled = jax.process_index() == 0
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
@@ -32,7 +39,11 @@ class MetricWriter:
             os.makedirs(workdir, exist_ok=True)
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+            purge_step = None
+            if start_step is not None:
+                truncate_jsonl(self.jsonl_path, start_step)
+                purge_step = start_step + 1
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10, purge_step=purge_step)
             self._jsonl = open(self.jsonl_path, "a", buffering=1)
 
     def write(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
@@ -46,10 +57,6 @@ class MetricWriter:
             self._tb.add_scalar(key, v, int(step))
         self._jsonl.write(json.dumps(record) + "\n")
 
-    def write_image(self, step: int, name: str, image_hwc_uint8: np.ndarray) -> None:
-        if self.enabled:
-            self._tb.add_image(name, np.asarray(image_hwc_uint8), int(step), dataformats="HWC")
-
     def flush(self) -> None:
         if self.enabled:
             self._tb.flush()
@@ -58,6 +65,29 @@ class MetricWriter:
         if self.enabled:
             self._tb.close()
             self._jsonl.close()
+
+
+def truncate_jsonl(path: str, step: int) -> int:
+    """Drops the rows of a metrics JSONL file whose step is after `step` (and a partial last line, which a
+    process killed mid-write leaves). Rewrites the file atomically; returns how many rows were dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if line.endswith("\n") and json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a torn or foreign line: dropped with the rows after the restored step
+    dropped = sum(1 for line in lines if line.strip()) - len(kept)
+    if dropped:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -27,6 +27,7 @@ import os
 import jax.numpy as jnp
 from transformers import CLIPTokenizer
 
+from caig_jax.errors import MissingPathError
 from caig_jax.convert.clip import load_clip_text_model
 from caig_jax.convert.diffusers import load_controlnet, load_ldm_single_file, load_unet, load_vae
 from caig_jax.diffusion.pipeline import Renderer
@@ -38,7 +39,7 @@ __all__ = ["Renderer", "from_pretrained"]
 def _load_tokenizer(folder: str):
 
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"tokenizer folder {folder!r} does not exist (expected vocab.json and merges.txt)")
+        raise MissingPathError(f"tokenizer folder {folder!r} does not exist (expected vocab.json and merges.txt)")
     try:
         return CLIPTokenizer.from_pretrained(folder)
     except Exception as e:  # noqa: BLE001  (transformers raises many kinds; name the folder)
@@ -63,11 +64,11 @@ def from_pretrained(sd_path, *, controlnet_path=None, dtype=jnp.float32, mesh=No
     """
     sd_path = os.fspath(sd_path)
     if not os.path.exists(sd_path):
-        raise FileNotFoundError(f"Stable Diffusion checkpoint {sd_path!r} does not exist")
+        raise MissingPathError(f"Stable Diffusion checkpoint {sd_path!r} does not exist")
     if os.path.isdir(sd_path):
         for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if not os.path.isdir(os.path.join(sd_path, sub)):
-                raise FileNotFoundError(
+                raise MissingPathError(
                     f"{sd_path!r} has no {sub}/ folder: expected a diffusers Stable Diffusion pipeline folder "
                     "(unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
                 )
@@ -82,7 +83,7 @@ def from_pretrained(sd_path, *, controlnet_path=None, dtype=jnp.float32, mesh=No
         parent = os.path.dirname(os.path.abspath(sd_path))
         tokenizer_dir = os.path.join(parent, "tokenizer")
         if not os.path.isdir(tokenizer_dir):
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"{sd_path!r} is a single-file checkpoint, which ships no tokenizer: put SD-1.5's tokenizer/ folder "
                 f"(vocab.json, merges.txt) at {tokenizer_dir!r}"
             )

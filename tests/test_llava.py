@@ -314,7 +314,10 @@ def test_checkpoint_mismatches_are_listed(next_case, tmp_path):
         lambda k: k,
         extra={"language_model.model.layers.1.mlp.up_proj.weight": torch.zeros(wrong.shape[0] + 1, wrong.shape[1])},
     )
-    with pytest.raises(CheckpointMismatchError, match=r"up_proj.*\(32, 65\)|up_proj.*65"):
+    # Named in the file's (PyTorch [out, in]) layout: the file's shape and ours transposed into it.
+    rows, cols = wrong.shape
+    expected = rf"up_proj\.weight -> \S+: file shape \({rows + 1}, {cols}\), model expects \({rows}, {cols}\) in the"
+    with pytest.raises(CheckpointMismatchError, match=expected):
         llava.from_pretrained(path)
 
 

@@ -103,7 +103,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, de
     config = smoke_config({"data": 8}, steps=20, checkpoint_every=5)
     mesh = parallel.make_mesh(config.mesh.to_dict())
     trainer = Trainer(config, str(tmp_path), mesh, smoke.build_model(config, mesh), smoke.mse_loss)
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 8.*last good checkpoint is step 5"):
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 8.*newest verified checkpoint is step 5"):
         trainer.train(_PoisonedData(16, 4, config.train.batch_size, 0))
     trainer.close()
     params, _, restored = trained_params(config, str(tmp_path), mesh)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -143,6 +144,9 @@ def test_checkpoint_mismatch_lists_everything(unet_pair, tmp_path):
     assert "shape mismatches" in message
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight" in message
     assert "up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_v.weight" in message
+    # Shapes in the file's (PyTorch [out, in]) layout: the file's, and the model's transposed into it.
+    expected = r"attn2\.to_k\.weight -> \S+: file shape \((\d+), \d+\), model expects \(\1, 48\) in the file's layout"
+    assert re.search(expected, message)
 
 
 def test_unsupported_config_is_named():

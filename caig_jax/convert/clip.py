@@ -32,7 +32,14 @@ import numpy as np
 from flax import nnx
 
 from caig_jax import parallel
-from caig_jax.convert.common import CheckpointMismatchError, SafetensorsReader, flat_paths, load_state
+from caig_jax.convert.common import (
+    CheckpointMismatchError,
+    SafetensorsReader,
+    flat_paths,
+    load_state,
+    torch_layout_shape,
+)
+from caig_jax.errors import MissingPathError
 from caig_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
@@ -117,7 +124,7 @@ def trivial_mesh() -> jax.sharding.Mesh:
 
 def read_json(path: str) -> dict:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingPathError(f"{path} does not exist")
     try:
         with open(path) as f:
             return json.load(f)
@@ -149,12 +156,21 @@ def sources_from_sections(
 def load_with_sources(
     abstract, sources, names, reader: SafetensorsReader, *, what: str, also_ignore: Iterable[str] = ()
 ):
-    """`load_state` with the unexpected keys computed from what `sources` consume; missing parameters are also
-    named by the checkpoint key that was looked for."""
+    """`load_state` with the unexpected keys computed from what `sources` consume, shapes checked in the file's
+    (PyTorch) layout before anything is read; missing parameters are also named by the checkpoint key that was
+    looked for."""
     missing_named = {p: k for p, k in names.items() if p not in sources}
     unexpected = unexpected_keys(reader, [names[p] for p in sources], also_ignore)
+    targets = flat_paths(abstract)
+    file_shapes = {
+        p: (reader.shape(names[p]), torch_layout_shape(p, targets[p].get_value().shape))
+        for p in sources
+        if p in targets
+    }
     try:
-        return load_state(abstract, sources, unexpected=unexpected, what=what, source_names=names)
+        return load_state(
+            abstract, sources, unexpected=unexpected, what=what, source_names=names, file_shapes=file_shapes
+        )
     except CheckpointMismatchError as e:
         if not missing_named:
             raise

@@ -20,10 +20,12 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from caig_jax.errors import MissingPathError, UserError
+
 _MAX_LISTED = 30
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The checkpoint and the model disagree (missing / unexpected keys, shape mismatches)."""
 
 
@@ -44,7 +46,7 @@ class SafetensorsReader:
     def __init__(self, path: str | os.PathLike):
         path = os.fspath(path)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
+            raise MissingPathError(f"checkpoint path {path!r} does not exist")
         self.path = path
         self._key_to_file: dict[str, str] = {}
         if os.path.isdir(path):
@@ -57,7 +59,7 @@ class SafetensorsReader:
                 for name in files:
                     self._add_file(os.path.join(path, name))
             else:
-                raise FileNotFoundError(
+                raise MissingPathError(
                     f"no *.safetensors file or *.safetensors.index.json in {path!r} (found: {names[:20]})"
                 )
         elif path.endswith(".index.json"):
@@ -78,7 +80,7 @@ class SafetensorsReader:
         for key, name in weight_map.items():
             file = os.path.join(folder, name)
             if not os.path.exists(file):
-                raise FileNotFoundError(f"{index_path} maps {key!r} to {name!r}, which does not exist")
+                raise MissingPathError(f"{index_path} maps {key!r} to {name!r}, which does not exist")
             self._key_to_file[key] = file
 
     def _add_file(self, file: str) -> None:
@@ -141,6 +143,18 @@ def _read_bf16(file: str, key: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=ml_dtypes.bfloat16).reshape(info["shape"])
 
 
+def torch_layout_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Our parameter shape at `path` in PyTorch's layout (the layout of the files we read), for messages that name
+    a file: Linear kernels `[in, out]` -> `[out, in]`, conv kernels `[kh, kw, in, out]` -> `[out, in, kh, kw]`."""
+    shape = tuple(shape)
+    if path.endswith("kernel"):
+        if len(shape) == 2:
+            return shape[::-1]
+        if len(shape) == 4:
+            return (shape[3], shape[2], shape[0], shape[1])
+    return shape
+
+
 def flat_paths(state: Any) -> dict[str, Any]:
     """`{'a/b/kernel': Variable}` for an nnx.State."""
     return {"/".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
@@ -153,6 +167,7 @@ def load_state(
     unexpected: Iterable[str] = (),
     what: str = "checkpoint",
     source_names: Mapping[str, str] | None = None,
+    file_shapes: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
 ) -> Any:
     """Fills an abstract nnx.State (leaves: ShapeDtypeStruct with NamedSharding) from `sources`.
 
@@ -163,6 +178,9 @@ def load_state(
       unexpected: checkpoint keys that no parameter consumed (reported as errors).
       what: names the checkpoint in error messages (e.g. its path).
       source_names: our path -> checkpoint key, to name the checkpoint tensor in shape-mismatch messages.
+      file_shapes: our path -> (the tensor's shape in the file, the shape the model expects in the file's layout),
+        from the file's header. Given, shapes are checked before any tensor is read and mismatches are reported
+        in the file's layout, together with missing and unexpected keys.
 
     Returns:
       The concrete nnx.State, every leaf a sharded `jax.Array` of the abstract leaf's dtype.
@@ -171,26 +189,34 @@ def load_state(
       CheckpointMismatchError listing every missing parameter, unexpected key and shape mismatch.
     """
     source_names = source_names or {}
+    file_shapes = file_shapes or {}
     targets = flat_paths(abstract_state)
     missing = sorted(set(targets) - set(sources))
     extra_sources = sorted(set(sources) - set(targets))
     unexpected = sorted(set(unexpected)) + [f"{source_names.get(p, p)} (-> {p}, no such parameter)" for p in extra_sources]
+    mismatched = [
+        f"{source_names.get(path, path)} -> {path}: file shape {got}, model expects {expected} in the file's layout "
+        f"(ours: {tuple(targets[path].get_value().shape)})"
+        for path, (got, expected) in sorted(file_shapes.items())
+        if path in targets and tuple(got) != tuple(expected)
+    ]
     problems: list[str] = []
     if missing:
         problems.append(_listing("parameters missing from the checkpoint", missing))
     if unexpected:
         problems.append(_listing("unexpected checkpoint keys", unexpected))
+    if mismatched:
+        problems.append(_listing("shape mismatches", mismatched))
     if problems:
         raise CheckpointMismatchError(f"{what} does not match the model:\n" + "\n".join(problems))
 
-    mismatched: list[str] = []
     loaded: dict[str, Any] = {}
     for path, var in targets.items():
         target = var.get_value()
         array = np.asarray(sources[path]())
         if tuple(array.shape) != tuple(target.shape):
             mismatched.append(
-                f"{source_names.get(path, path)} -> {path}: checkpoint shape {tuple(array.shape)}, "
+                f"{source_names.get(path, path)} -> {path}: shape {tuple(array.shape)} once in our layout, "
                 f"model expects {tuple(target.shape)}"
             )
             continue

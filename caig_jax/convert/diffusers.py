@@ -34,7 +34,14 @@ from flax import nnx
 
 from caig_jax import parallel
 from caig_jax.convert.clip import is_ignored_key, torch_key
-from caig_jax.convert.common import CheckpointMismatchError, SafetensorsReader, flat_paths, load_state
+from caig_jax.convert.common import (
+    CheckpointMismatchError,
+    SafetensorsReader,
+    flat_paths,
+    load_state,
+    torch_layout_shape,
+)
+from caig_jax.errors import MissingPathError
 from caig_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from caig_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from caig_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
@@ -154,7 +161,8 @@ def load_module(
         got = _transformed_shape(reader.shape(key), leaf, len(target_shape))
         if got != target_shape:
             mismatched.append(
-                f"{key} -> {path}: checkpoint shape {tuple(reader.shape(key))} (as {got}), model expects {target_shape}"
+                f"{key} -> {path}: file shape {tuple(reader.shape(key))}, model expects "
+                f"{torch_layout_shape(leaf, target_shape)} in the file's layout (ours: {target_shape})"
             )
             continue
         sources[path] = lambda key=key, leaf=leaf, nd=len(target_shape): to_flax_layout(reader.get(key), leaf, nd)
@@ -179,15 +187,15 @@ def _model_folder(folder: str | os.PathLike, subfolder: str) -> str:
     """A diffusers model folder (with config.json); a pipeline root is accepted and its `subfolder` used."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder!r} is not a folder (expected a diffusers {subfolder}/ folder)")
+        raise MissingPathError(f"{folder!r} is not a folder (expected a diffusers {subfolder}/ folder)")
     if not os.path.exists(os.path.join(folder, "config.json")) and os.path.isdir(os.path.join(folder, subfolder)):
         folder = os.path.join(folder, subfolder)
     if not os.path.exists(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{folder!r} has no config.json (expected a diffusers {subfolder}/ folder)")
+        raise MissingPathError(f"{folder!r} has no config.json (expected a diffusers {subfolder}/ folder)")
     if not any(n.endswith((".safetensors", ".safetensors.index.json")) for n in os.listdir(folder)):
         bins = [n for n in os.listdir(folder) if n.endswith(".bin")]
         hint = f" (found PyTorch pickles {bins}; re-save them with safe_serialization=True)" if bins else ""
-        raise FileNotFoundError(f"{folder!r} holds no .safetensors weights{hint}")
+        raise MissingPathError(f"{folder!r} holds no .safetensors weights{hint}")
     return folder
 
 

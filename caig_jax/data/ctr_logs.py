@@ -36,11 +36,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from caig_jax.errors import UserError
+
 CREATIVE_RANKING_SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file and line (or JSON key) and what was expected."""
 
 

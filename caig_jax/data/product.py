@@ -28,8 +28,10 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from caig_jax.errors import UserError
 
-class ProductImageError(ValueError):
+
+class ProductImageError(UserError, ValueError):
     """A product cut-out cannot be used (unreadable, no alpha channel, empty alpha). Names the file."""
 
 

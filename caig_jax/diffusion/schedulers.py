@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from caig_jax.errors import MissingPathError
+
 # runwayml/stable-diffusion-v1-5 `scheduler/scheduler_config.json`: used for single-file checkpoints, which ship
 # no scheduler config.
 SD15_SCHEDULER_CONFIG = {
@@ -211,7 +213,7 @@ def load_scheduler_config(path: str) -> dict[str, Any]:
     """Reads `scheduler_config.json` (a file or the `scheduler/` folder holding it)."""
     file = os.path.join(path, "scheduler_config.json") if os.path.isdir(path) else path
     if not os.path.exists(file):
-        raise FileNotFoundError(f"scheduler config not found: {file} (expected a diffusers scheduler_config.json)")
+        raise MissingPathError(f"scheduler config not found: {file} (expected a diffusers scheduler_config.json)")
     with open(file) as f:
         try:
             return json.load(f)

@@ -63,6 +63,7 @@ from caig_jax import parallel
 from caig_jax.convert.clip import load_module, read_json
 from caig_jax.convert.common import SafetensorsReader
 from caig_jax.convert.llava import ORIGINAL, TRANSFORMERS, llava_sections
+from caig_jax.errors import MissingPathError
 from caig_jax.models import adapter, layers
 from caig_jax.models.clip import BUILTIN_VISION_CONFIGS, CLIP_VIT_L_14_336, CLIPVisionConfig, CLIPVisionModel
 from caig_jax.models.image_processing import LLAVA_NEXT_GRID_PINPOINTS
@@ -784,7 +785,7 @@ def from_pretrained(
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"LLaVA checkpoint folder {path!r} does not exist")
+        raise MissingPathError(f"LLaVA checkpoint folder {path!r} does not exist")
     config, layout = read_llava_config(path)
     reader = SafetensorsReader(path)
     what = f"LLaVA checkpoint {path} ({layout} layout)"

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from caig_jax.errors import MissingPathError
 from caig_jax.models import adapter
 from caig_jax.models.image_processing import (
     LLAVA_NEXT_GRID_PINPOINTS,
@@ -150,7 +151,7 @@ class ImageTokenSpec:
         if isinstance(config, (str, os.PathLike)):
             source = os.path.join(os.fspath(config), "config.json")
             if not os.path.exists(source):
-                raise FileNotFoundError(f"{source} not found (needed to count image tokens)")
+                raise MissingPathError(f"{source} not found (needed to count image tokens)")
             with open(source) as f:
                 config = json.load(f)
         if _get(config, "mm_vision_tower") is not None or _get(config, "mm_projector_type") is not None:

@@ -26,6 +26,7 @@ from caig_jax import parallel
 from caig_jax.convert.clip import load_module
 from caig_jax.convert.common import SafetensorsReader
 from caig_jax.convert.llava import llava_sections
+from caig_jax.errors import MissingPathError
 from caig_jax.models import layers
 from caig_jax.models.clip import CLIPVisionConfig
 from caig_jax.models.llama import LlamaConfig
@@ -94,7 +95,7 @@ def from_pretrained(
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"reward model folder {path!r} does not exist")
+        raise MissingPathError(f"reward model folder {path!r} does not exist")
     config, layout = read_llava_config(path)
     reader = SafetensorsReader(path)
     what = f"reward model {path} ({layout} layout)"

@@ -310,14 +310,15 @@ class Trainer:
         return nnx.merge(self.graphdef, self.state["params"], self.frozen)
 
     def restore(self, data: DataIterator | None = None) -> int | None:
-        """Resumes from the latest checkpoint in the workdir onto the current mesh: the state, `data`'s
+        """Resumes from the newest checkpoint in the workdir that restores and verifies (older ones are tried
+        when the newest is damaged; `Checkpointer.restore_latest`), onto the current mesh: the state, `data`'s
         position and `job_state`. Returns the restored step (None: no checkpoint, nothing changed)."""
         if data is not None:
             self._data = data
-        step = self.checkpointer.latest_step()
-        if step is None:
+        found = self.checkpointer.restore_latest(abstract_of(self.state))
+        if found is None:
             return None
-        state, saved, meta = self.checkpointer.restore(abstract_of(self.state), step)
+        step, state, saved, meta = found
         self.state = state
         self.job_state = dict(saved.get("job", {}))
         if self._data is not None and saved.get("iterator"):
@@ -340,7 +341,7 @@ class Trainer:
         progress bar, NaN stop, eval every `eval_every`, checkpoint every `checkpoint_every` and at
         `total_steps` (default `config.train.steps`). Saves in flight are finished on exit."""
         total = int(total_steps if total_steps is not None else self.config.train.steps)
-        writer = MetricWriter(self.workdir)
+        writer = MetricWriter(self.workdir, start_step=self.current_step)  # drops rows a killed run wrote past it
         progress = Progress(total, self.current_step, self.config.train.batch_size)
         try:
             with _SigtermFlag() as sigterm, jax.set_mesh(self.mesh):
@@ -386,11 +387,14 @@ class Session:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(metrics["loss"]):
             t.checkpointer.wait()
-            good = t.checkpointer.latest_step()
+            abstract = abstract_of(t.state)
+            t.state = None  # reading a checkpoint back needs the memory of one more state
+            good = t.checkpointer.newest_verified_step(abstract)
+            where = "no checkpoint verifies" if good is None else f"the newest verified checkpoint is step {good}"
             raise NonFiniteLossError(
-                f"loss is {metrics['loss']} at step {step} (metrics: {metrics}). Training stopped; the last "
-                f"good checkpoint is step {good} in {t.checkpointer.directory} and was not overwritten. "
-                "Lower config.train.learning_rate or check the data around this step."
+                f"loss is {metrics['loss']} at step {step} (metrics: {metrics}). Training stopped; {where} in "
+                f"{t.checkpointer.directory} and was not overwritten. Lower config.train.learning_rate or check the "
+                "data around this step."
             )
         self.progress.update(metrics["loss"])
         if step % cfg.log_every == 0 or step == self.total_steps:
