@@ -22,6 +22,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from transformers import CLIPConfig as HFCLIPConfig
+from transformers import CLIPTextConfig as HFCLIPTextConfig
+from transformers import CLIPVisionConfig as HFCLIPVisionConfig
 
 from caig_jax.models import layers
 from caig_jax.models.llama import grouped_query_attention
@@ -65,9 +68,6 @@ class CLIPVisionConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPVisionConfig":
         """From a `config.json` dict of a `CLIPVisionModel` or a full `CLIPModel` (parsed by transformers)."""
-        from transformers import CLIPConfig as HFCLIPConfig
-        from transformers import CLIPVisionConfig as HFCLIPVisionConfig
-
         if d.get("model_type") == "clip" or "vision_config" in d:
             return cls.from_hf(HFCLIPConfig.from_dict(dict(d)).vision_config)
         return cls.from_hf(HFCLIPVisionConfig.from_dict(dict(d)))
@@ -115,9 +115,6 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPTextConfig":
-        from transformers import CLIPConfig as HFCLIPConfig
-        from transformers import CLIPTextConfig as HFCLIPTextConfig
-
         if d.get("model_type") == "clip" or "text_config" in d:
             return cls.from_hf(HFCLIPConfig.from_dict(dict(d)).text_config)
         return cls.from_hf(HFCLIPTextConfig.from_dict(dict(d)))

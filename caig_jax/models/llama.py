@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from transformers import LlamaConfig as HFLlamaConfig
 
 from caig_jax.models import layers
 
@@ -424,6 +425,4 @@ def sample_logits(
 
 def config_from_mapping(d: Mapping[str, Any]) -> LlamaConfig:
     """LlamaConfig from a `config.json`-style dict, parsed by transformers' LlamaConfig (same defaults)."""
-    from transformers import LlamaConfig as HFLlamaConfig
-
     return LlamaConfig.from_hf(HFLlamaConfig.from_dict(dict(d)))

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from transformers import LlavaConfig as HFLlavaConfig
@@ -608,8 +609,6 @@ def generate(
         mesh=mesh,
     )
     if mesh is not None and processes > 1:
-        from jax.experimental import multihost_utils
-
         # Rows are laid out process by process (make_array_from_process_local_data); return this process's.
         full = multihost_utils.process_allgather(out, tiled=True)
         start = jax.process_index() * local_padded
