@@ -1,18 +1,19 @@
 """Market job: simulate the synthetic marketplace and build its TFDS datasets.
 
-Run (CPU, tiny: about 20-40 s on 2 cores):
+Run (CPU, tiny: the marketplace itself about 35 s on 2 shared cores, 10-20 s of it painting the 32,880
+prompts of the world report's oracle-prompt search; then the datasets):
     python -m caig_jax.main --config=configs/market.py:tiny --workdir=/tmp/market
 
 Expect a short report: products and creatives per split, the pair counts and drop reasons of CAIG's
 rule (impressions > 1000, 1.05 <= CTR ratio <= 1.20), and the oracle accuracy (how often the logged
-label agrees with the true CTR order; no reward model can beat it: about 0.7 for `tiny`). The workdir
-then holds `market/` (products, CreativeRanking-layout logs, LLaVA conversations, contact_sheet.png,
-oracle.json), `tfds/` (array_record datasets `ctr_logs/market`, `llava_conversations/market`,
-`products/market`) and `market_report.{json,md}`. Re-running on the same workdir reuses what is done; an
+label agrees with the true CTR order; no reward model can beat it: 0.71-0.77 on `tiny`'s test pairs). The
+workdir then holds `market/` (products, CreativeRanking-layout logs, LLaVA conversations, contact_sheet.png,
+oracle.json, world_report.{json,md}: see caig_jax/data/README.md), `tfds/` (array_record datasets
+`ctr_logs/market`, `llava_conversations/market`, `products/market`) and `market_report.{json,md}`. Re-running on the same workdir reuses what is done; an
 interrupted run resumes and produces the same data.
 
 Presets (`:ARG`): `tiny` (400 products, 64 px ads, 64 px pair halves), `reward` (the same world with 1200
-products, simulated in 2 processes, about 65 s: what the reward job's tiny preset builds and trains on) and
+products, simulated in 2 processes: what the reward job's tiny preset builds and trains on) and
 `full` (3000 products, 512 px ads and pairs, the paper's resolution; a few CPU-minutes per
 1000 products, set `--config.market.num_workers=N` to use N processes).
 

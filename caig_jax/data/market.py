@@ -34,46 +34,71 @@ The seed only moves texture phases and blob positions; the look is set by the pr
 places the product with the renderer's code (`caig_jax.data.product`: crop to alpha, fit 0.78 of the
 canvas, centre), paints the background and pastes the product back with its undilated alpha.
 
-The hidden click model (`true_ctr(composed_rgb_uint8, category)`)
------------------------------------------------------------------
+The hidden click model (market version 3: `true_ctr(ad_rgb, product)`)
+---------------------------------------------------------------------
 Made to be *visible at low resolution* and *learnable from pixels*: it is computed on the composed ad
 downsampled to 32x32 (area average), so a model that looks at 32-64 px images sees all of it.
 
 1. The background's colour look: the mean RGB of the outer ring (3 px of the 32x32 image: pure background,
    because the product fills at most the central 78%), turned into luma, warmth `R - B` and greenness
    `G - (R + B) / 2` (`background_look`; all linear in the ring's mean colour).
-2. Every category has a preferred look: the look of its *ideal prompt* (`CATEGORIES[c].ideal`, e.g. coffee
-   mug: "wooden kitchen counter, warm lighting"; smartphone: "black studio backdrop, brushed metal, dramatic
-   lighting"), painted once with fixed seeds. Its shoppers like backgrounds that lean from the average look
-   towards it: `appeal = tanh(dot(look - average_look, direction_c) / APPEAL_SCALE)` in (-1, 1), with
-   `direction_c` the unit vector from the average look to the ideal one. The best background therefore
-   depends on the product.
-3. `logit(CTR) = logit(base_ctr[c]) + APPEAL_GAIN * appeal`, clipped to CTR in [0.3%, 12%]; typical CTRs are
-   1-9%. (`market` adds a per-item offset for the item's own attractiveness, which cancels inside a pair.)
+2. Every *product* has an ideal look. Its category's is the look of the category's *ideal prompt*
+   (`CATEGORIES[c].ideal`, e.g. coffee mug: "wooden kitchen counter, warm lighting"; smartphone: "black studio
+   backdrop, brushed metal, dramatic lighting"), painted once with fixed seeds (`category_target`). The
+   product's own colour (`attributes["colour"]`: named in its title, painted on its cut-out; each category
+   comes in 10 colours) moves it, for contrast, away from that colour:
+       target_p = target_c - PRODUCT_CONTRAST * (look(colour_p) - mean look of the category's 10 colours)
+   with PRODUCT_CONTRAST = 0.5 (`product_target`): a white t-shirt's shoppers like a darker background than a
+   black t-shirt's, a red mug's a cooler one than a teal mug's.
+3. The CTR falls linearly with the distance from that ideal, measured in units of the looks' spread over
+   the prompt vocabulary (`look_scale`, one standard deviation per component):
+       d = |(look - target_p) / look_scale|
+       logit(CTR) = logit(base_ctr[c]) + CTR_GAIN * (TYPICAL_DISTANCE - d),   CTR_GAIN = 0.25, TYPICAL_DISTANCE = 2.5
+   clipped to CTR in [0.3%, 12%] (the clip almost never binds: typical CTRs are 1.5-5%). `market` adds a
+   per-item offset (the item's own attractiveness) that cancels inside a pair; `true_ctr` leaves it out
+   unless `item_offset` is given. `ctr_from_looks(look, product)` is the same function on the hidden look.
 
-Within a product the CTR order of two ads is the order of one number, the projection of their background
-colour on the category's direction: a model has to find the background, read its colour, and know what the
-product's shoppers prefer. (Version 1 of this world added a texture penalty and a product-contrast term;
-on CAIG's 1.05-1.20 pairs those three terms nearly cancel, and even a model handed the exact hidden
-features could not order the pairs well enough to reach the reward model's target: see
-`caig_jax/data/README.md`.)
+Why product-specific: in version 2 the best background depended only on the category, so a Prompt Model was
+optimal by reading one word of the title, and the product-background match between siblings was 0.5
+whatever it did. Now siblings of different colours have different best backgrounds (the world report's
+*sibling separability*: a product's own best prompt is strictly better for it than a same-category
+sibling's in about 89% of sibling pairs; the rest are siblings of the same colour), learnable from the
+product's image and title. Why an ideal point rather than a product direction (`d_p = normalize(d_c + beta *
+u_p)`, measured on the same palettes): with a direction the best background is always an extreme of the
+paintable looks, few extremes serve all products, and separability was 0.68 / 0.80 / 0.86 at beta 0.5 / 1 / 2
+(the colour has to outweigh the category), against 0.90 for the ideal point at 0.5.
+
+Why less saturation: version 2's `tanh(projection / 0.12)` put 55% of the creatives on its flat ends, where
+two ads of a product have nearly equal CTRs; 37-40% of the CAIG test pairs then had a true ratio below 1.02
+(they passed the 1.05-1.20 filter on binomial noise) and the oracle fell to 0.69. A distance has the same
+slope everywhere (the world report's *flat-stretch share* is 0 unless the clip binds), so the within-product
+CTR spread has no pile-up of near-equal values: about 10% of the test pairs are true near-ties, and a
+logistic regression on the exact hidden features orders 97% of the true-ratio pairs (README: the figures).
+
+Within a product the CTR order of two ads is the order of one number, the distance of their background
+look from the product's ideal: a model has to find the background, read its colour, and know what this
+product's shoppers prefer, from its category and its colour. (Version 1 of this world added a texture
+penalty and a product-contrast term that nearly cancelled on CAIG's pairs: see `caig_jax/data/README.md`.)
+`caig_jax.data.world` measures all this (`world_report`) and scores prompts against the truth
+(`match_rate_sibling`, `match_rate_cross`).
 
 Logs
 ----
-Each product gets several creatives (`creatives_per_product`); each creative's prompt is, with probability
+Each product gets several creatives (`min_creatives`..`max_creatives`); each creative's prompt is, with probability
 `on_brief`, drawn from the category's preferred descriptors, else from the whole vocabulary. Impressions
 are log-normal (`impressions_median`, `impressions_sigma`) except a fraction `low_impression_fraction`
 drawn in [100, 1000) so the impressions > 1000 rule has work to do; clicks ~ Binomial(impressions, CTR),
 spread over 1-3 daily rows, written in the CreativeRanking layout. The label noise of the logs, and so
 the *oracle accuracy* (how often the logged label agrees with the true CTR order on the pairs kept by
-CAIG's rule), is set by the impressions and the CTR spread inside a product: about 0.7 with the presets.
+CAIG's rule), is set by the impressions and the CTR spread inside a product: about 0.75 with the presets.
 
 Pre-training conversations (LLaVA JSON), three task families:
 `describe_product` (product cut-out -> description), `describe_background` (composed ad -> background
 description, or -> product title), `background_prompt` (product + title -> a background prompt, the
 prompts of the item's logged creatives).
 
-`make_market(config, seed)` writes everything; see its docstring for the layout on disk.
+`caig_jax.data.simulation.make_market(out_dir, config, seed=...)` writes everything; see its docstring for the layout
+on disk.
 """
 
 from __future__ import annotations
@@ -81,19 +106,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import math
-import os
 import re
-import shutil
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
-from PIL import Image
 
-from caig_jax.data.images import encode_image
 from caig_jax.data import product as product_lib
 
 # ----------------------------------------------------------------------------------------------------------
@@ -443,12 +462,12 @@ class Category:
     noun: str
     base_ctr: float  # CTR of an average-looking ad for this category
     ideal: str  # the prompt whose painted look this category's shoppers like best
-    colours: tuple[str, ...]  # on-brief descriptors, used to sample creatives and to judge background match
+    colours: tuple[str, ...]  # on-brief descriptors (what `sample_prompt(rng, category)` draws from)
     materials: tuple[str, ...]
     scenes: tuple[str, ...]
     lighting: tuple[str, ...]
     patterns: tuple[str, ...]
-    product_colours: tuple[str, ...]  # colours the product itself comes in
+    product_colours: tuple[str, ...]  # colours the product itself comes in (its palette: 10 vocabulary colours)
     product_materials: tuple[str, ...]
     adjectives: tuple[str, ...]
     aspect: float  # product height / width before jitter
@@ -460,52 +479,62 @@ CATEGORIES: dict[str, Category] = {
         Category("water_bottle", "water bottle", 0.030, "pastel blue beach, bright daylight",
                  ("pastel blue", "mint", "teal", "white"), ("sand",), ("beach", "garden"),
                  ("bright daylight", "cool lighting"), ("gradient",),
-                 ("teal", "blue", "red", "black", "white", "green"), ("stainless steel", "tritan plastic"),
+                 ("teal", "blue", "red", "black", "white", "green", "pink", "purple", "orange", "mint"),
+                 ("stainless steel", "tritan plastic"),
                  ("insulated", "leak-proof", "sports"), 3.0),
         Category("sneaker", "sneaker", 0.028, "grey concrete city street, cool lighting",
                  ("grey", "charcoal", "white"), ("concrete", "stone"), ("city street",),
                  ("cool lighting", "dramatic lighting"), ("stripes",),
-                 ("white", "red", "black", "blue", "orange"), ("mesh", "leather", "suede"),
+                 ("white", "red", "black", "blue", "orange", "grey", "green", "navy", "yellow", "pink"),
+                 ("mesh", "leather", "suede"),
                  ("running", "lightweight", "retro"), 0.5),
         Category("smartphone", "smartphone", 0.022, "black studio backdrop, brushed metal, dramatic lighting",
                  ("black", "charcoal", "navy"), ("brushed metal",), ("studio backdrop", "office desk"),
                  ("dramatic lighting", "studio lighting", "cool lighting"), ("minimalist",),
-                 ("black", "white", "blue", "gold", "purple"), ("aluminium", "glass"),
+                 ("black", "white", "blue", "gold", "purple", "red", "green", "lavender", "mint", "charcoal"),
+                 ("aluminium", "glass"),
                  ("5G", "dual-camera", "slim"), 2.0),
         Category("coffee_mug", "coffee mug", 0.034, "wooden kitchen counter, warm lighting",
                  ("cream", "brown", "beige"), ("wooden", "marble"), ("kitchen counter", "cafe"),
                  ("warm lighting", "golden hour", "soft lighting"), ("bokeh",),
-                 ("white", "red", "yellow", "teal", "black"), ("ceramic", "stoneware"),
+                 ("white", "red", "yellow", "teal", "black", "blue", "green", "pink", "orange", "cream"),
+                 ("ceramic", "stoneware"),
                  ("handmade", "large", "glazed"), 0.85),
         Category("t_shirt", "t-shirt", 0.026, "cream linen bedroom, soft lighting",
                  ("cream", "white", "beige"), ("linen", "paper"), ("bedroom", "living room"),
                  ("soft lighting", "bright daylight"), ("plain",),
-                 ("white", "black", "red", "navy", "green", "yellow"), ("cotton", "organic cotton"),
+                 ("white", "black", "red", "navy", "green", "yellow", "grey", "pink", "olive", "orange"),
+                 ("cotton", "organic cotton"),
                  ("oversized", "classic", "crew-neck"), 0.95),
         Category("wristwatch", "wristwatch", 0.020, "navy velvet studio backdrop, dramatic lighting",
                  ("navy", "black", "gold"), ("velvet", "leather"), ("studio backdrop",),
                  ("dramatic lighting", "dim light"), ("minimalist",),
-                 ("gold", "white", "black", "brown"), ("stainless steel", "leather strap"),
+                 ("gold", "white", "black", "brown", "blue", "green", "navy", "grey", "charcoal", "beige"),
+                 ("stainless steel", "leather strap"),
                  ("automatic", "chronograph", "classic"), 2.2),
         Category("lipstick", "lipstick", 0.036, "pastel pink studio backdrop, soft lighting",
                  ("pastel pink", "pink", "lavender", "white"), ("marble", "paper"),
                  ("studio backdrop", "bathroom shelf"), ("soft lighting", "studio lighting"), ("bokeh", "polka dots"),
-                 ("red", "pink", "purple", "orange"), ("matte", "satin"),
+                 ("red", "pink", "purple", "orange", "brown", "pastel pink", "beige", "lavender", "black", "gold"),
+                 ("matte", "satin"),
                  ("long-lasting", "velvet matte", "hydrating"), 3.4),
         Category("potted_plant", "potted plant", 0.032, "green garden, bright daylight",
                  ("green", "mint", "olive"), ("stone", "wooden"), ("garden", "forest"),
                  ("bright daylight", "soft lighting"), ("plain",),
-                 ("white", "orange", "grey", "blue"), ("terracotta", "ceramic"),
+                 ("white", "orange", "grey", "blue", "black", "teal", "yellow", "beige", "brown", "pink"),
+                 ("terracotta", "ceramic"),
                  ("indoor", "low-maintenance", "air-purifying"), 1.3),
         Category("handbag", "handbag", 0.024, "gold leather living room, golden hour",
                  ("gold", "beige", "brown"), ("leather", "velvet"), ("living room", "city street"),
                  ("golden hour", "warm lighting"), ("gradient",),
-                 ("black", "brown", "red", "beige", "white"), ("leather", "canvas"),
+                 ("black", "brown", "red", "beige", "white", "navy", "pink", "green", "cream", "olive"),
+                 ("leather", "canvas"),
                  ("designer", "everyday", "quilted"), 0.85),
         Category("headphones", "headphones", 0.027, "purple night sky, neon glow",
                  ("purple", "navy", "black"), ("brushed metal",), ("night sky", "city street"),
                  ("neon glow", "dramatic lighting"), ("bokeh",),
-                 ("black", "white", "red", "blue"), ("plastic", "aluminium"),
+                 ("black", "white", "red", "blue", "pink", "green", "gold", "navy", "grey", "lavender"),
+                 ("plastic", "aluminium"),
                  ("wireless", "noise-cancelling", "over-ear"), 1.0),
     )
 }
@@ -658,14 +687,26 @@ class Product:
     id: str
     category: str
     title: str
-    attributes: dict[str, str]
+    attributes: dict[str, str]  # colour (a vocabulary colour: the click model reads it), material, brand, price
     seed: int
+
+    def __hash__(self) -> int:  # usable as a dict key (e.g. product -> prompts) despite the attributes dict
+        return hash((self.id, self.category, self.title, self.seed))
+
+
+def _stream(seed: int, index: int, stream: int) -> np.random.Generator:
+    """The random stream `stream` of product `index` (any integer index; negative ones get their own streams)."""
+    index = int(index)
+    return np.random.default_rng([seed, index, stream] if index >= 0 else [seed, -index, stream, 1])
 
 
 def make_product(index: int, category: str, seed: int) -> Product:
-    """The title and attributes of product `index` (its image is drawn by `product_image`)."""
+    """The title and attributes of product `index` (its image is drawn by `product_image`). Any integer index
+    works with any category (the marketplace deals categories round-robin, `index % len(categories)`)."""
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; known: {sorted(CATEGORIES)}")
     cat = CATEGORIES[category]
-    rng = np.random.default_rng([seed, index, 1])
+    rng = _stream(seed, index, 1)
     colour = str(rng.choice(cat.product_colours))
     material = str(rng.choice(cat.product_materials))
     brand = str(rng.choice(BRANDS))
@@ -673,13 +714,14 @@ def make_product(index: int, category: str, seed: int) -> Product:
     price = f"{float(rng.uniform(8, 180)):.2f}"
     title = f"{brand} {colour} {adjective} {material} {cat.noun}"
     attributes = {"colour": colour, "material": material, "brand": brand, "price": price, "category": cat.noun}
-    return Product(f"item{index:05d}", category, title, attributes, seed)
+    return Product(f"item{int(index):05d}", category, title, attributes, seed)
 
 
 def product_image(product: Product, size: int) -> np.ndarray:
-    """The product's RGBA cut-out, uint8[size, size, 4] (deterministic in the product's index and seed)."""
+    """The product's RGBA cut-out, uint8[size, size, 4] (deterministic in the product's index and seed); its
+    body is painted in `attributes["colour"]`."""
     index = int(product.id[len("item"):])
-    rng = np.random.default_rng([product.seed, index, 2])
+    rng = _stream(product.seed, index, 2)
     colour = COLOURS.get(product.attributes["colour"], (128, 128, 128))
     accent = COLOURS[str(rng.choice(["white", "black", "gold", "grey", "red", "teal", "yellow"]))]
     return _draw_product(product.category, rng, size, colour, accent)
@@ -697,8 +739,10 @@ def compose_ad(product_rgba: np.ndarray, prompt: str, size: int = 512, seed: int
     return product_lib.paste_product(paint_background(prompt, size, seed), placed)
 
 
-APPEAL_SCALE = 0.12  # look distance (along a category's direction) that moves appeal by tanh(1)
-APPEAL_GAIN = 0.9  # log-odds per unit of appeal (appeal is in (-1, 1))
+# The click model (market version 3). See the module docstring for the formula and the reasons.
+PRODUCT_CONTRAST = 0.5  # beta: how far a product's ideal look moves away from its own colour
+CTR_GAIN = 0.25  # log-odds per unit of look distance (distance in units of the looks' spread)
+TYPICAL_DISTANCE = 2.5  # about the median distance of a logged creative: there, CTR = the category's base CTR
 CTR_RANGE = (0.003, 0.12)
 CLICK_MODEL_RES = 32  # the click model looks at the ad at this resolution
 _RING = 3  # pixels of the 32x32 image's border that are always background (0.78 fit leaves 3.5 px)
@@ -723,16 +767,25 @@ def background_look(image_rgb: np.ndarray) -> np.ndarray:
     image_rgb = np.asarray(image_rgb)
     if image_rgb.ndim != 3 or image_rgb.shape[-1] != 3:
         raise ValueError(f"expected an RGB image uint8[H, W, 3], got shape {image_rgb.shape}")
+    if min(image_rgb.shape[:2]) < CLICK_MODEL_RES:
+        raise ValueError(f"the click model needs an image of at least {CLICK_MODEL_RES} px, got {image_rgb.shape[:2]}")
     small = cv2.resize(image_rgb, (CLICK_MODEL_RES, CLICK_MODEL_RES), interpolation=cv2.INTER_AREA)
     ring_mean = small[_ring_mask()].astype(np.float32).mean(0) / 255.0
     return _LOOK_FROM_RGB @ ring_mean
 
 
+def colour_look(colour: str) -> np.ndarray:
+    """The look (luma, warmth, green) of a flat vocabulary colour, float64[3]."""
+    return (_LOOK_FROM_RGB @ (np.asarray(COLOURS[colour], np.float32) / 255.0)).astype(np.float64)
+
+
 @functools.lru_cache(maxsize=1)
-def average_look() -> np.ndarray:
-    """The mean look (luma, warmth, green) of backgrounds painted from 64 random vocabulary prompts."""
+def look_scale() -> np.ndarray:
+    """float64[3]: the standard deviation of each look component over 256 backgrounds painted from random
+    vocabulary prompts (64 px): the unit in which the click model measures look distances."""
     rng = np.random.default_rng(12345)
-    return np.mean([background_look(paint_background(sample_prompt(rng), 64, k)) for k in range(64)], axis=0)
+    looks = [background_look(paint_background(sample_prompt(rng), 64, k)) for k in range(256)]
+    return np.std(np.asarray(looks, np.float64), axis=0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -743,45 +796,58 @@ def category_target(category: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def category_direction(category: str) -> np.ndarray:
-    """Unit vector from the average look towards the category's ideal look: what its shoppers prefer."""
-    d = category_target(category) - average_look()
-    return d / np.linalg.norm(d)
-
-
-def appeal(image_rgb: np.ndarray, category: str) -> float:
-    """How much the ad's background leans towards the look the category's shoppers like, in (-1, 1)."""
+def _target(category: str, colour: str) -> np.ndarray:
     if category not in CATEGORIES:
         raise ValueError(f"unknown category {category!r}; known: {sorted(CATEGORIES)}")
-    z = float(np.dot(background_look(image_rgb) - average_look(), category_direction(category))) / APPEAL_SCALE
-    return math.tanh(z)
+    if colour not in COLOURS:
+        raise ValueError(f"product colour {colour!r} is not a vocabulary colour; known: {sorted(COLOURS)}")
+    palette = np.mean([colour_look(c) for c in CATEGORIES[category].product_colours], axis=0)
+    target = category_target(category).astype(np.float64) - PRODUCT_CONTRAST * (colour_look(colour) - palette)
+    target.setflags(write=False)
+    return target
+
+
+def product_target(product: Product) -> np.ndarray:
+    """float64[3]: the look this product's shoppers like best: its category's ideal look, moved away from the
+    product's own colour (relative to the category's palette) by `PRODUCT_CONTRAST`. Depends only on the
+    product's category and its colour (`attributes["colour"]`, named in the title, painted on the cut-out)."""
+    if not isinstance(product, Product):
+        raise TypeError(f"expected a market.Product (market v3: the click model depends on the product, not only "
+                        f"its category), got {type(product).__name__}")
+    return _target(product.category, product.attributes["colour"])
+
+
+def look_distance(looks: np.ndarray, product: Product) -> np.ndarray:
+    """Distance of background look(s) float[..., 3] from the product's ideal look, in units of `look_scale`."""
+    x = (np.asarray(looks, np.float64) - product_target(product)) / look_scale()
+    return np.sqrt(x[..., 0] ** 2 + x[..., 1] ** 2 + x[..., 2] ** 2)
 
 
 def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-def true_ctr(composed_rgb_uint8: np.ndarray, category: str, item_offset: float = 0.0) -> float:
-    """The hidden ground-truth CTR of a composed ad for a product of `category` (see the module docstring).
+def ctr_from_looks(looks: np.ndarray, product: Product, item_offset: float = 0.0) -> np.ndarray:
+    """The click model on its hidden features: the true CTR (float64[...]) of ads of `product` whose
+    backgrounds have the look(s) float[..., 3]. `true_ctr(ad, product)` is exactly
+    `ctr_from_looks(background_look(ad), product)`."""
+    logit = (_logit(CATEGORIES[product.category].base_ctr) + item_offset
+             + CTR_GAIN * (TYPICAL_DISTANCE - look_distance(looks, product)))
+    return np.clip(1.0 / (1.0 + np.exp(-logit)), *CTR_RANGE)
 
-    `item_offset` is the product's own attractiveness in log-odds (the marketplace draws one per item;
-    it cancels when two ads of the same product are compared). Usable on any composed image, e.g. to
-    measure the CTR lift of generated backgrounds.
+
+def true_ctr(ad_rgb: np.ndarray, product: Product, item_offset: float = 0.0) -> float:
+    """The hidden ground-truth CTR of a composed ad of `product` (see the module docstring), in (0, 1).
+
+    Deterministic; `ad_rgb` is uint8[H, W, 3] of any size >= 32 px (the click model downsamples to 32x32).
+    `item_offset` is the product's own attractiveness in log-odds (the marketplace draws one per item; it
+    cancels when two ads of the same product are compared, so callers can leave it out). Usable on any
+    composed image, e.g. to measure the CTR lift of generated backgrounds.
     """
-    leaning = appeal(composed_rgb_uint8, category)  # raises for an unknown category
-    logit = _logit(CATEGORIES[category].base_ctr) + item_offset + APPEAL_GAIN * leaning
-    return float(np.clip(1.0 / (1.0 + math.exp(-logit)), *CTR_RANGE))
-
-
-def background_match(prompt: str, category: str) -> float:
-    """Product-background match of a prompt: the fraction of its vocabulary descriptors that are on the
-    category's brief (its preferred colours, materials, scenes, lighting, patterns); 0 without any."""
-    cat = CATEGORIES[category]
-    on_brief = set(cat.colours + cat.materials + cat.scenes + cat.lighting + cat.patterns)
-    descriptors = parse_prompt(prompt).descriptors()
-    if not descriptors:
-        return 0.0
-    return sum(d in on_brief for d in descriptors) / len(descriptors)
+    if not isinstance(product, Product):
+        raise TypeError(f"true_ctr(ad_rgb, product) takes a market.Product (market v3: the click model depends on "
+                        f"the product, not only its category), got {type(product).__name__}: {product!r}")
+    return float(ctr_from_looks(background_look(ad_rgb), product, item_offset))
 
 
 def sample_prompt(rng: np.random.Generator, category: str | None = None) -> str:
@@ -812,380 +878,4 @@ def sample_prompt(rng: np.random.Generator, category: str | None = None) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class MarketConfig:
-    """What `make_market` simulates. `configs/market.py` holds the presets."""
-
-    num_products: int = 500
-    categories: tuple[str, ...] = tuple(CATEGORIES)
-    min_creatives: int = 8
-    max_creatives: int = 12
-    image_size: int = 96  # composed ads (the logs' images)
-    product_size: int = 128  # RGBA cut-outs
-    on_brief: float = 0.4  # probability that a creative's prompt is on the category's brief
-    impressions_median: float = 3000.0
-    impressions_sigma: float = 0.5
-    low_impression_fraction: float = 0.05  # creatives with impressions in [100, 1000)
-    item_offset_sd: float = 0.25  # the product's own attractiveness, log-odds
-    max_days: int = 3  # each creative's impressions are spread over 1..max_days daily rows
-    split_fractions: tuple[tuple[str, float], ...] = (("train", 0.7), ("val", 0.1), ("test", 0.2))
-    min_impressions: int = 1000  # the pair rule used for the oracle report
-    min_ratio: float = 1.05
-    max_ratio: float = 1.20
-    contact_sheet_products: int = 10
-    num_workers: int = 0  # >1: simulate items in that many processes
-
-    @classmethod
-    def make(cls, config: Any = None, **overrides: Any) -> MarketConfig:
-        """From a MarketConfig, a mapping (e.g. a ConfigDict) or keyword overrides; unknown keys raise."""
-        values: dict[str, Any] = {}
-        if isinstance(config, MarketConfig):
-            values = dataclasses.asdict(config)
-        elif config is not None:
-            values = dict(config.items() if hasattr(config, "items") else config)
-        values.update(overrides)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown market option(s) {unknown}; known: {sorted(known)}")
-        if "categories" in values:
-            values["categories"] = tuple(values["categories"])
-            bad = sorted(set(values["categories"]) - set(CATEGORIES))
-            if bad:
-                raise ValueError(f"unknown categories {bad}; known: {sorted(CATEGORIES)}")
-        if "split_fractions" in values:
-            sf = values["split_fractions"]
-            values["split_fractions"] = tuple((str(k), float(v)) for k, v in (sf.items() if hasattr(sf, "items") else sf))
-        cfg = cls(**values)
-        if not 2 <= cfg.min_creatives <= cfg.max_creatives:
-            raise ValueError(f"need 2 <= min_creatives <= max_creatives, got {cfg.min_creatives}, {cfg.max_creatives}")
-        return cfg
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    """Writes via a temporary file + rename, so an interrupted run never leaves a half-written file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _png(image: np.ndarray) -> bytes:
-    return encode_image(image, "png")
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
-
-
-def _item_category(cfg: MarketConfig, index: int) -> str:
-    return cfg.categories[index % len(cfg.categories)]
-
-
-def _simulate_item(out_dir: str, cfg: MarketConfig, seed: int, index: int) -> dict[str, Any]:
-    """Draws one product and its creatives, writes their images, returns the item's log (cached on disk)."""
-    cache = os.path.join(out_dir, "_work", f"item{index:05d}.json")
-    if os.path.exists(cache):
-        with open(cache) as f:
-            return json.load(f)
-    category = _item_category(cfg, index)
-    product = make_product(index, category, seed)
-    cutout = product_image(product, cfg.product_size)
-    product_path = os.path.join(out_dir, "products", "images", f"{product.id}.png")
-    if not os.path.exists(product_path):
-        _write_atomic(product_path, _png(cutout))
-    placed = product_lib.place_product(cutout, size=cfg.image_size)
-    rng = np.random.default_rng([seed, index, 3])
-    offset = float(rng.normal(0.0, cfg.item_offset_sd))
-    creatives = []
-    for j in range(int(rng.integers(cfg.min_creatives, cfg.max_creatives + 1))):
-        on_brief = bool(rng.random() < cfg.on_brief)
-        prompt = sample_prompt(rng, category if on_brief else None)
-        bg_seed = int(rng.integers(0, 2**31 - 1))
-        ad = product_lib.paste_product(paint_background(prompt, cfg.image_size, bg_seed), placed)
-        ctr = true_ctr(ad, category, offset)
-        name = f"{product.id}_{j:02d}.png"
-        path = os.path.join(out_dir, "logs", "images", name)
-        if not os.path.exists(path):
-            _write_atomic(path, _png(ad))
-        if rng.random() < cfg.low_impression_fraction:
-            impressions = int(rng.integers(100, 1000))
-        else:
-            impressions = int(round(math.exp(rng.normal(math.log(cfg.impressions_median), cfg.impressions_sigma))))
-            impressions = max(impressions, 1)
-        days = int(rng.integers(1, cfg.max_days + 1))
-        per_day = rng.multinomial(impressions, [1.0 / days] * days)
-        first_day = int(rng.integers(0, 28 - days))
-        rows = [[f"202406{first_day + d + 1:02d}", int(n), int(rng.binomial(int(n), ctr))] for d, n in enumerate(per_day)]
-        creatives.append({"name": name, "prompt": prompt, "on_brief": on_brief, "bg_seed": bg_seed,
-                          "true_ctr": ctr, "rows": rows})
-    item = {"id": product.id, "index": index, "category": category, "title": product.title,
-            "attributes": product.attributes, "item_offset": offset, "creatives": creatives}
-    _write_atomic(cache, _json_bytes(item))
-    return item
-
-
-def _simulate_items(out_dir: str, cfg: MarketConfig, seed: int) -> list[dict[str, Any]]:
-    indices = range(cfg.num_products)
-    if cfg.num_workers > 1:
-        import concurrent.futures
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")  # the parent may hold JAX threads: never fork it
-        with concurrent.futures.ProcessPoolExecutor(cfg.num_workers, mp_context=ctx) as pool:
-            return list(pool.map(_simulate_item, *zip(*[(out_dir, cfg, seed, i) for i in indices]), chunksize=8))
-    return [_simulate_item(out_dir, cfg, seed, i) for i in indices]
-
-
-def _assign_splits(cfg: MarketConfig, seed: int) -> dict[int, str]:
-    """Whole items to splits, balanced over categories: items are dealt round-robin over categories (in a
-    random order within each category), the smaller splits first, so every split sees every category as
-    soon as it has that many items."""
-    rng = np.random.default_rng([seed, 4])
-    per_category = []
-    for category in cfg.categories:
-        members = [i for i in range(cfg.num_products) if _item_category(cfg, i) == category]
-        per_category.append([members[k] for k in rng.permutation(len(members))])
-    dealt = [m[r] for r in range(max(map(len, per_category))) for m in per_category if r < len(m)]
-    n = len(dealt)
-    names = [name for name, _ in cfg.split_fractions]
-    fractions = np.array([f for _, f in cfg.split_fractions], np.float64)
-    exact = fractions / fractions.sum() * n
-    counts = np.floor(exact).astype(int)
-    for k in np.argsort(-(exact - counts))[: n - counts.sum()]:  # largest remainders get the leftovers
-        counts[k] += 1
-    out, start = {}, 0
-    for k in np.argsort(fractions, kind="stable"):
-        for i in dealt[start : start + counts[k]]:
-            out[i] = names[k]
-        start += counts[k]
-    return out
-
-
-_DESCRIBE_PRODUCT_Q = (
-    "Describe the product in this image.",
-    "What product is shown in this picture? Describe it briefly.",
-    "Give a short description of this product.",
-)
-_DESCRIBE_BACKGROUND_Q = (
-    "Describe the background of this advertising image.",
-    "What does the background of this ad look like?",
-)
-_TITLE_Q = ("Write a short product title for this advertising image.", "Give this product a title.")
-_PROMPT_Q = (
-    "The product is '{title}'. Write a background prompt for an advertising image of this product.",
-    "Write a Stable Diffusion background prompt for the product '{title}'.",
-)
-
-
-def _conversations(items: list[dict[str, Any]], rng: np.random.Generator) -> dict[str, list[dict[str, Any]]]:
-    """The three pre-training task families as LLaVA conversation lists (image paths relative to the root)."""
-    fam: dict[str, list[dict[str, Any]]] = {"describe_product": [], "describe_background": [], "background_prompt": []}
-    turn = lambda q, a: [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]  # noqa: E731
-    for item in items:
-        a = item["attributes"]
-        cat = CATEGORIES[item["category"]]
-        product_image_path = f"products/images/{item['id']}.png"
-        fam["describe_product"].append({
-            "id": f"{item['id']}_product",
-            "image": product_image_path,
-            "conversations": turn(str(rng.choice(_DESCRIBE_PRODUCT_Q)),
-                                  f"A {a['colour']} {cat.noun} made of {a['material']} by {a['brand']}. "
-                                  f"Title: {item['title']}."),
-        })
-        for c in item["creatives"][:3]:
-            if rng.random() < 0.5:
-                q, ans, kind = str(rng.choice(_DESCRIBE_BACKGROUND_Q)), f"The {cat.noun} is shown on a background of {c['prompt']}.", "bg"
-            else:
-                q, ans, kind = str(rng.choice(_TITLE_Q)), item["title"], "title"
-            fam["describe_background"].append({
-                "id": f"{c['name'][:-4]}_{kind}", "image": f"logs/images/{c['name']}", "conversations": turn(q, ans)})
-        for c in item["creatives"]:
-            fam["background_prompt"].append({
-                "id": f"{c['name'][:-4]}_prompt",
-                "image": product_image_path,
-                "conversations": turn(str(rng.choice(_PROMPT_Q)).format(title=item["title"]), c["prompt"]),
-            })
-    return fam
-
-
-def _aggregate(item: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"item_id": item["id"], "image": c["name"], "impressions": sum(r[1] for r in c["rows"]),
-             "clicks": sum(r[2] for r in c["rows"]), "true_ctr": c["true_ctr"]} for c in item["creatives"]]
-
-
-def oracle_report(items: list[dict[str, Any]], splits: Mapping[str, str], cfg: MarketConfig, seed: int) -> dict:
-    """How often the logged label agrees with the true CTR order on the pairs CAIG's rule keeps."""
-    from caig_jax.data import pairs as pairs_lib
-
-    rule = pairs_lib.PairRule(cfg.min_impressions, cfg.min_ratio, cfg.max_ratio)
-    out: dict[str, Any] = {"rule": dataclasses.asdict(rule), "splits": {}}
-    for split, _ in cfg.split_fractions:
-        records = [r for item in items if splits[item["id"]] == split for r in _aggregate(item)]
-        category = {item["id"]: item["category"] for item in items}
-        pairs, report = pairs_lib.pair_indices(records, rule, seed=seed)
-        agree = [
-            int((records[p.left]["true_ctr"] > records[p.right]["true_ctr"]) == (p.label == 0)) for p in pairs
-        ]
-        per_cat: dict[str, list[int]] = {}
-        for p, a in zip(pairs, agree):
-            per_cat.setdefault(category[p.item_id], []).append(a)
-        n = len(agree)
-        acc = float(np.mean(agree)) if n else math.nan
-        out["splits"][split] = {
-            "pairs": n,
-            "oracle_accuracy": acc,
-            "oracle_ci95": 1.96 * math.sqrt(acc * (1 - acc) / n) if n else math.nan,
-            "per_category": {c: float(np.mean(v)) for c, v in sorted(per_cat.items())},
-            "pair_report": report,
-        }
-    all_pairs = sum(s["pairs"] for s in out["splits"].values())
-    out["oracle_accuracy"] = (
-        sum(s["oracle_accuracy"] * s["pairs"] for s in out["splits"].values() if s["pairs"]) / all_pairs
-        if all_pairs else math.nan
-    )
-    return out
-
-
-def _contact_sheet(out_dir: str, items: list[dict[str, Any]], cfg: MarketConfig, tile: int = 128) -> np.ndarray:
-    """One row per category: the cut-out on a checkerboard, then its ads sorted by true CTR (annotated)."""
-    chosen, seen = [], set()
-    for item in items:
-        if item["category"] not in seen and len(chosen) < cfg.contact_sheet_products:
-            chosen.append(item)
-            seen.add(item["category"])
-    rows = []
-    ncol = 6
-    for item in chosen:
-        cut = np.asarray(Image.open(os.path.join(out_dir, "products", "images", f"{item['id']}.png")).convert("RGBA"))
-        cut = cv2.resize(cut, (tile, tile), interpolation=cv2.INTER_AREA)
-        yy, xx = np.mgrid[0:tile, 0:tile]
-        checker = np.where(((yy // 8 + xx // 8) % 2)[..., None] == 0, 230, 200).astype(np.float32)
-        a = cut[..., 3:].astype(np.float32) / 255.0
-        tiles = [(cut[..., :3] * a + checker * (1 - a)).astype(np.uint8)]
-        cv2.putText(tiles[0], item["category"][:16], (3, tile - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
-        ads = sorted(item["creatives"], key=lambda c: -c["true_ctr"])[: ncol - 1]
-        for c in ads:
-            ad = np.asarray(Image.open(os.path.join(out_dir, "logs", "images", c["name"])).convert("RGB"))
-            ad = np.ascontiguousarray(cv2.resize(ad, (tile, tile), interpolation=cv2.INTER_CUBIC))
-            imp = sum(r[1] for r in c["rows"])
-            logged = sum(r[2] for r in c["rows"]) / max(imp, 1)
-            ad[-14:] = (ad[-14:].astype(np.float32) * 0.35).astype(np.uint8)
-            cv2.putText(ad, f"true {100 * c['true_ctr']:.1f}% log {100 * logged:.1f}%", (3, tile - 4),
-                        cv2.FONT_HERSHEY_SIMPLEX, 0.3, (255, 255, 255), 1, cv2.LINE_AA)
-            tiles.append(ad)
-        while len(tiles) < ncol:
-            tiles.append(np.full((tile, tile, 3), 255, np.uint8))
-        rows.append(np.concatenate(tiles, axis=1))
-    return np.concatenate(rows, axis=0)
-
-
-def _fingerprint(cfg: MarketConfig, seed: int) -> str:
-    click_model = [APPEAL_SCALE, APPEAL_GAIN, list(CTR_RANGE), CLICK_MODEL_RES, _RING]
-    blob = json.dumps({"config": dataclasses.asdict(cfg), "seed": seed, "version": MARKET_VERSION,
-                       "click_model": click_model}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-MARKET_VERSION = 2  # bump when the simulation changes, so old worlds are not silently reused
-
-
-def make_market(out_dir: str, config: Any = None, *, seed: int = 0, overwrite: bool = False, verbose: bool = True,
-                **overrides: Any) -> dict[str, Any]:
-    """Simulates the marketplace into `out_dir` and returns its report (also written as `report.json`).
-
-    `config`: a `MarketConfig`, a mapping of its fields (e.g. `config.market` of configs/market.py), or
-    None; keyword `overrides` win. Layout written under `out_dir`:
-
-        products/images/<item>.png                RGBA cut-outs
-        products/products.json                    CAIG tiny.json layout + category, attributes, split
-        logs/images/<item>_<k>.png                composed ads (the CreativeRanking images folder)
-        logs/list/{train,val,test}_data_list.txt  item_id, image_name, date, impressions, clicks (tab-separated)
-        logs/truth.tsv                            image_name, true_ctr, item_id, prompt, on_brief (simulation only)
-        conversations/<family>_<split>.json       LLaVA JSON: describe_product, describe_background,
-                                                  background_prompt (image paths relative to out_dir)
-        oracle.json, report.json, contact_sheet.png, market_config.json, COMPLETE
-
-    Re-running with the same config and seed reuses a complete world; an interrupted run resumes (every
-    file is written atomically and every item has its own random stream, so the result is identical).
-    A world made with another config raises unless `overwrite=True`.
-    """
-    from caig_jax.data.ctr_logs import DataError
-
-    cfg = MarketConfig.make(config, **overrides)
-    fp = _fingerprint(cfg, seed)
-    done = os.path.join(out_dir, "COMPLETE")
-    config_path = os.path.join(out_dir, "market_config.json")
-    previous = None  # the fingerprint of what is already in out_dir (finished or not)
-    if os.path.exists(done):
-        with open(done) as f:
-            previous = f.read().strip()
-        if previous == fp:
-            with open(os.path.join(out_dir, "report.json")) as f:
-                return json.load(f)
-    elif os.path.exists(config_path):
-        with open(config_path) as f:
-            previous = json.load(f).get("fingerprint")
-    if previous is not None and previous != fp:
-        if not overwrite:
-            raise DataError(f"{out_dir} holds a market made with another config or seed (fingerprint {previous}, "
-                            f"now {fp}); use another directory or overwrite=True")
-        shutil.rmtree(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    _write_atomic(config_path, _json_bytes({"config": dataclasses.asdict(cfg), "seed": seed, "fingerprint": fp}))
-
-    items = _simulate_items(out_dir, cfg, seed)
-    split_of_index = _assign_splits(cfg, seed)
-    splits = {item["id"]: split_of_index[item["index"]] for item in items}
-
-    products = [{"id": it["id"], "image": f"images/{it['id']}.png", "new_caption": it["title"],
-                 "category": it["category"], "attributes": it["attributes"], "split": splits[it["id"]]} for it in items]
-    _write_atomic(os.path.join(out_dir, "products", "products.json"), _json_bytes(products))
-
-    for split, _ in cfg.split_fractions:
-        lines = [f"{it['id']}\t{c['name']}\t{r[0]}\t{r[1]}\t{r[2]}" for it in items if splits[it["id"]] == split
-                 for c in it["creatives"] for r in c["rows"]]
-        _write_atomic(os.path.join(out_dir, "logs", "list", f"{split}_data_list.txt"), ("\n".join(lines) + "\n").encode())
-    truth = ["image_name\ttrue_ctr\titem_id\tprompt\ton_brief"] + [
-        f"{c['name']}\t{c['true_ctr']:.6f}\t{it['id']}\t{c['prompt']}\t{int(c['on_brief'])}" for it in items for c in it["creatives"]]
-    _write_atomic(os.path.join(out_dir, "logs", "truth.tsv"), ("\n".join(truth) + "\n").encode())
-
-    rng = np.random.default_rng([seed, 5])
-    families = {split: _conversations([it for it in items if splits[it["id"]] == split], rng) for split, _ in cfg.split_fractions}
-    conversation_files = {}
-    for split, fam in families.items():
-        for name, entries in fam.items():
-            rel = f"conversations/{name}_{split}.json"
-            _write_atomic(os.path.join(out_dir, rel), _json_bytes(entries))
-            conversation_files.setdefault(split, []).append(rel)
-
-    oracle = oracle_report(items, splits, cfg, seed)
-    _write_atomic(os.path.join(out_dir, "oracle.json"), _json_bytes(oracle))
-    sheet = _contact_sheet(out_dir, items, cfg)
-    _write_atomic(os.path.join(out_dir, "contact_sheet.png"), _png(sheet))
-
-    all_ctr = np.array([c["true_ctr"] for it in items for c in it["creatives"]])
-    impressions = np.array([sum(r[1] for r in c["rows"]) for it in items for c in it["creatives"]])
-    report = {
-        "seed": seed,
-        "fingerprint": fp,
-        "products": len(items),
-        "products_per_split": {s: sum(v == s for v in splits.values()) for s, _ in cfg.split_fractions},
-        "creatives": int(all_ctr.size),
-        "true_ctr_percentiles": dict(zip(("p5", "p25", "p50", "p75", "p95"),
-                                         np.percentile(all_ctr, [5, 25, 50, 75, 95]).round(5).tolist())),
-        "impressions_median": float(np.median(impressions)),
-        "creatives_over_min_impressions": float(np.mean(impressions > cfg.min_impressions)),
-        "conversations": {s: {n: len(v) for n, v in fam.items()} for s, fam in families.items()},
-        "conversation_files": conversation_files,
-        "oracle": oracle,
-        "paths": {"products": "products/products.json", "logs": "logs", "truth": "logs/truth.tsv",
-                  "contact_sheet": "contact_sheet.png", "oracle": "oracle.json"},
-    }
-    _write_atomic(os.path.join(out_dir, "report.json"), _json_bytes(report))
-    _write_atomic(done, fp.encode())
-    if verbose:
-        per = ", ".join(f"{s} {v['oracle_accuracy']:.3f} ({v['pairs']} pairs)" for s, v in oracle["splits"].items())
-        print(f"market: {len(items)} products, {all_ctr.size} creatives in {out_dir}; oracle accuracy {per}")
-    return report
+MARKET_VERSION = 3  # bump when the simulation changes, so old worlds are not silently reused

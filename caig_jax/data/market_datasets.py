@@ -1,6 +1,6 @@
 """The marketplace's datasets: simulate the world and build its TFDS datasets (what the `market` job runs).
 
-`build_world(config, workdir)` writes `workdir/market/` (`caig_jax.data.market.make_market`), `workdir/tfds/`
+`build_world(config, workdir)` writes `workdir/market/` (`caig_jax.data.simulation.make_market`), `workdir/tfds/`
 (`ctr_logs/market`, `ctr_logs/market_wide`, `llava_conversations/market`, `products/market`, array_record) and
 `workdir/market_report.{json,md}`; `config` is a `configs/market.py` config (the reward job nests one).
 """
@@ -16,8 +16,8 @@ from typing import Any
 import ml_collections
 from absl import logging as absl_logging
 
-from caig_jax.data import market as market_lib
 from caig_jax.data.builders import ctr_logs, llava_conversations, products
+from caig_jax.data.simulation import make_market
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def _build_world(config, workdir, verbose) -> dict[str, Any]:
     t0 = time.time()
     market_dir = os.path.join(workdir, "market")
     data_dir = os.path.join(workdir, "tfds")
-    market = market_lib.make_market(market_dir, _market_options(config), seed=config.seed,
+    market = make_market(market_dir, _market_options(config), seed=config.seed,
                                     overwrite=config.build.overwrite, verbose=False)
     t_market = time.time() - t0
     built: dict[str, Any] = {}

@@ -2,7 +2,7 @@
 
     python -m caig_jax.main --config=configs/market.py:tiny --workdir=DIR
 
-Writes `DIR/market/` (see `caig_jax.data.market.make_market`), `DIR/tfds/` and `DIR/market_report.{json,md}`
+Writes `DIR/market/` (see `caig_jax.data.simulation.make_market`), `DIR/tfds/` and `DIR/market_report.{json,md}`
 (`caig_jax.data.market_datasets.build_world`), and prints a short report.
 """
 
