@@ -49,6 +49,10 @@ class CLIPVisionConfig:
     patch_size: int = 32
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    remat_policy: str = "none"  # not architecture: what each layer keeps for backward (`layers.REMAT_POLICIES`)
+
+    def __post_init__(self):
+        layers.check_remat_policy(self.remat_policy)
 
     @property
     def grid_size(self) -> int:
@@ -172,12 +176,13 @@ class CLIPEncoder(nnx.Module):
     def __init__(self, config, width_axis: str, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.layers = nnx.List([CLIPEncoderLayer(config, width_axis, **kw) for _ in range(config.num_hidden_layers)])
+        self.remat_policy = getattr(config, "remat_policy", "none")
 
     def __call__(self, x, mask=None, *, num_layers: int | None = None, collect: bool = False):
         """Runs the first `num_layers` layers (all by default). Returns (x, hidden states incl. the input)."""
         hidden_states = [x] if collect else None
         for layer in self.layers[: len(self.layers) if num_layers is None else num_layers]:
-            x = layer(x, mask)
+            x = layers.remat_call(layer, self.remat_policy, x, mask)
             if collect:
                 hidden_states.append(x)
         return x, hidden_states

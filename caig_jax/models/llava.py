@@ -488,6 +488,15 @@ class LlavaModel(nnx.Module):
         return self._dispatch("_logprobs_impl", input_ids, pixel_values, image_sizes, attention_mask, image_layout)
 
 
+def set_remat(model: LlavaModel, policy: str) -> LlavaModel:
+    """Rematerialises every decoder and tower layer in the backward pass with `policy` (`layers.REMAT_POLICIES`;
+    'none' turns it off). Same values; less activation memory for more compute. Returns `model` (changed in place)."""
+    layers.check_remat_policy(policy)
+    model.language_model.config = dataclasses.replace(model.language_model.config, remat_policy=policy)
+    model.vision_tower.encoder.remat_policy = policy
+    return model
+
+
 def last_non_pad_index(attention_mask: jax.Array) -> jax.Array:
     """int32[B]: position of the last token with mask 1 (right padding: len-1; left padding: T-1)."""
     mask = jnp.asarray(attention_mask, jnp.int32)
