@@ -74,10 +74,11 @@ def _unknown_override_message(argv: list[str], error: Exception) -> str | None:
 
 
 class _DropLibraryInfo(logging.Filter):
-    """Orbax logs every save phase at INFO through absl; keep its warnings, drop the chatter."""
+    """Orbax logs every save phase at INFO through absl, JAX each backend it could not find (TPU on a CPU host);
+    keep their warnings, drop the chatter."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+        return record.levelno >= logging.WARNING or not any(s in record.pathname for s in ("orbax", "xla_bridge"))
 
 
 def quiet_library_logs() -> None:
@@ -154,9 +155,9 @@ def _run_job() -> None:
 
     from caig_jax import parallel
 
+    quiet_library_logs()
     parallel.set_cpu_devices(config.get("cpu_devices", 0))
     parallel.maybe_initialize_distributed()
-    quiet_library_logs()
     job = importlib.import_module(JOBS[config.job])
     job.run(config, _WORKDIR.value)
 

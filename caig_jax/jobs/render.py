@@ -32,9 +32,10 @@ from PIL import Image
 
 import caig_jax.render as render
 from caig_jax import parallel
+from caig_jax.config_checks import Checks, ConfigError, common_checks
 from caig_jax.data import market
 from caig_jax.data import product as product_lib
-from caig_jax.diffusion.schedulers import SD15_SCHEDULER_CONFIG
+from caig_jax.diffusion.schedulers import SCHEDULERS, SD15_SCHEDULER_CONFIG
 from caig_jax.files import write_json_atomic
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,13 +231,13 @@ def _resolve_model(config: ml_collections.ConfigDict, workdir: str):
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
     if dtype is None:
-        raise ValueError(f"config.dtype={config.dtype!r}: expected 'float32' or 'bfloat16'")
+        raise ConfigError(f"config.dtype={config.dtype!r}: expected 'float32' or 'bfloat16'")
     mesh = parallel.make_mesh(dict(config.mesh))
     sd_path = config.sd_path
     controlnet_path = config.controlnet_path or None
     if not sd_path:
         if not config.tiny_random_weights:
-            raise ValueError(
+            raise ConfigError(
                 "config.sd_path is empty: give the SD-1.5 diffusers folder (or LDM .safetensors) with "
                 "--config.sd_path=... and the ControlNet canny folder with --config.controlnet_path=..."
             )
@@ -253,16 +254,45 @@ def _resolve_model(config: ml_collections.ConfigDict, workdir: str):
     return renderer, sd_path, controlnet_path
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Types and ranges of every key the job reads (`caig_jax.config_checks`); raises `ConfigError` before any
+    product is drawn or model built."""
+    checks = Checks(config)
+    common_checks(checks)
+    checks.mesh(devices=jax.device_count())
+    checks.string("sd_path")
+    checks.string("controlnet_path")
+    checks.boolean("tiny_random_weights")
+    checks.choice("dtype", ("float32", "bfloat16"))
+    checks.string("products")
+    checks.boolean("synthetic_products")
+    checks.integer("num_products", min=1)
+    checks.integer("prompts_per_product", min=1)
+    checks.choice("scheduler", SCHEDULERS)
+    checks.integer("steps", min=1)
+    checks.number("guidance_scale", min=0)
+    checks.number("controlnet_scale", min=0)
+    checks.string("negative_prompt")
+    checks.integer("batch_size", min=1)
+    if checks.get("sd_path", "x") == "" and checks.get("tiny_random_weights", True) is False:
+        checks.problem("sd_path", "the SD-1.5 diffusers folder or LDM .safetensors (empty only with "
+                       "tiny_random_weights=True)")
+    if checks.get("products", "x") == "" and checks.get("synthetic_products", True) is False:
+        checks.problem("products", "the products JSON path (empty only with synthetic_products=True)")
+    checks.done()
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Renders every (product, prompt) of `config.products`; see the module docstring for the outputs."""
     from tqdm import tqdm
 
+    validate(config)
     os.makedirs(workdir, exist_ok=True)
     # ---- products first: every input problem surfaces before any model is loaded.
     products_path = config.products
     if not products_path:
         if not config.synthetic_products:
-            raise ValueError("config.products is empty: give the products JSON with --config.products=PATH")
+            raise ConfigError("config.products is empty: give the products JSON with --config.products=PATH")
         products_path = write_synthetic_products(
             os.path.join(workdir, "products"), config.num_products, config.prompts_per_product, config.seed
         )
