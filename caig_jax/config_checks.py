@@ -263,7 +263,7 @@ def market_checks(checks: Checks, prefix: str = "") -> None:
     if lo is not None and hi is not None and hi < lo:
         checks.problem(m + "max_creatives", f"an integer >= market.min_creatives={lo}")
     checks.integer(m + "image_size", min=8)
-    checks.integer(m + "product_size", min=8)
+    checks.integer(m + "product_size", min=32)  # products drawn smaller can fall under MIN_CUTOUT_SIZE
     checks.probability(m + "on_brief")
     checks.number(m + "impressions_median", min=1)
     checks.number(m + "impressions_sigma", min=0)

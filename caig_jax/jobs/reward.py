@@ -82,20 +82,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def ensure_data(config: ml_collections.ConfigDict, workdir: str) -> str:
     """The TFDS data dir of reward pairs: `config.data.dir`, or the marketplace (`config.data.market`, a
-    `configs/market.py` config) built into `<workdir>/market`."""
+    `configs/market.py` config) built into `<workdir>/market` (checked against its inputs on every run)."""
     if config.data.dir:
         if not os.path.isdir(config.data.dir):
             raise MissingPathError(f"config.data.dir={config.data.dir!r} does not exist")
         return config.data.dir
     world = os.path.join(workdir, "market")
+    market_config = ml_collections.ConfigDict(config.data.market.to_dict())
+    market_config.seed = config.seed
+    # Only the CTR-log datasets this job reads (the market job builds the others from the same folder).
+    market_config.build.datasets = ("ctr_logs",)
     if not os.path.isdir(os.path.join(world, "tfds", "ctr_logs")):
-        market_config = ml_collections.ConfigDict(config.data.market.to_dict())
-        market_config.seed = config.seed
-        # Only the CTR-log datasets this job reads (the market job builds the others from the same folder).
-        market_config.build.datasets = ("ctr_logs",)
         log.info("no data in %s: building the synthetic marketplace (config.data.market)", world)
-        if jax.process_index() == 0:
-            build_world(market_config, world, verbose=False)
+    if jax.process_index() == 0:
+        # Every run: an existing marketplace is reused when its config and files are unchanged, and a dataset
+        # whose input files changed stops naming the file (or is rebuilt with data.market.build.overwrite).
+        build_world(market_config, world, verbose=False, overwrite_hint="--config.data.market.build.overwrite=True")
     return os.path.join(world, "tfds")
 
 
