@@ -97,6 +97,37 @@ def test_products_list_reads_new_caption_and_relative_images(tmp_path):
     assert product["caption"] == "CAIG caption" and product["image_path"] == str(tmp_path / "cutouts" / "a.png")
 
 
+def test_tiny_weights_round_trip_through_the_export_path(tmp_path):
+    """`write_tiny_sd` (our modules, `host_init`, `convert.diffusers.save_pipeline`) is read back unchanged by our
+    loaders: the export path is the loaders' inverse. (tests/test_pipeline.py loads the same folder in diffusers.)"""
+    from flax import nnx
+
+    from caig_jax.convert.clip import load_clip_text_model
+    from caig_jax.convert.diffusers import load_controlnet, load_unet, load_vae
+    from caig_jax.models.controlnet import ControlNetConfig, ControlNetModel
+    from caig_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+
+    folder = str(tmp_path / "sd")
+    render_job.write_tiny_sd(folder, seed=3)
+
+    def flat(module):
+        return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+    unet = render_job.host_init(
+        lambda: UNet2DConditionModel(UNet2DConditionConfig.from_dict(render_job.TINY_UNET), rngs=nnx.Rngs(0)), 3)
+    controlnet = render_job.host_init(
+        lambda: ControlNetModel(ControlNetConfig.from_dict(render_job.TINY_CONTROLNET), rngs=nnx.Rngs(0)), 6)
+    for original, loaded in ((unet, load_unet(f"{folder}/unet")), (controlnet, load_controlnet(f"{folder}/controlnet"))):
+        want, got = flat(original), flat(loaded)
+        assert want.keys() == got.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert load_vae(f"{folder}/vae").config.block_out_channels == (16, 32, 32)
+    text = load_clip_text_model(f"{folder}/text_encoder")
+    assert text.config.vocab_size == len(render_job.tiny_clip_tokenizer()) and text.config.hidden_size == 32
+    assert json.load(open(f"{folder}/model_index.json"))["controlnet"] == ["diffusers", "ControlNetModel"]
+
+
 def test_malformed_products_file(tmp_path):
     path = tmp_path / "products.json"
     path.write_text(json.dumps([{"id": "a", "image": "a.png"}]))

@@ -363,7 +363,10 @@ class Trainer:
                 last = session.run_step(next(data))
             if eval_fn is not None:
                 evaluated = dict(eval_fn(self.model(), self.current_step))
-                session.writer.write(self.current_step, evaluated, prefix="eval/")
+                # Re-running a finished run (or one stopped after its last checkpoint) evaluates again but keeps
+                # the one final row already written.
+                if not session.writer.has_row(self.current_step, prefix="eval/"):
+                    session.writer.write(self.current_step, evaluated, prefix="eval/")
                 last.update({f"eval/{k}": v for k, v in evaluated.items()})
         return TrainResult(self.current_step, last, self.model())
 
