@@ -3,14 +3,16 @@
     python -m caig_jax.main --config=configs/render.py:tiny --workdir=/tmp/render
 
 Input: `config.products`, a JSON list of `{"id", "image": RGBA cut-out path (relative to the JSON file or
-absolute), "caption", "prompt": str or [str, ...]}` (the layout of CAIG's `tiny.json`, plus prompts).
+absolute), "new_caption" (or "caption" / "title"), "prompt": str or [str, ...]}` (the layout of CAIG's
+`tiny.json`, plus prompts).
 Output in the workdir:
   renders/<id>_<k>.png      one image per product and prompt
   contact_sheet.png         all renders in a grid (one row per product)
   render_report.json / .md  settings, timings (images/s, seconds per step) and the list of files
 
-Every product image is checked before anything is rendered: a missing file, an unreadable image, an image
-without an alpha channel or with an empty alpha fails with a message naming the file.
+The config is checked first (`validate`), then every product image, before any model is loaded: a missing
+file, an unreadable image, an image without an alpha channel, with an empty alpha or with a product under
+`caig_jax.data.product.MIN_CUTOUT_SIZE` (8 px) on its short side fails with a message naming the file.
 
 `write_tiny_sd` makes a tiny random Stable Diffusion + ControlNet in the diffusers folder layout with our own
 modules' init and export path (no PyTorch): the `tiny` preset uses it when no weights are given, since nothing
