@@ -344,7 +344,7 @@ def test_interrupted_market_resumes_to_identical_files(world, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         simulation.make_market(out, seed=3, verbose=False, **SMALL)
     assert not os.path.exists(os.path.join(out, "COMPLETE"))
-    monkeypatch.setattr(market, "_simulate_item", real)
+    monkeypatch.setattr(simulation, "_simulate_item", real)
     # Lose some finished outputs too: they are remade identically.
     os.remove(os.path.join(out, "_work", "item00002.json"))
     os.remove(os.path.join(out, "logs", "images", "item00002_00.png"))
