@@ -42,7 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""  # TFDS data dir with ctr_logs; "" = build the marketplace into <workdir>/market
-    c.data.market = market.get_config("reward")  # the marketplace built when data.dir is "" (1200 products)
+    # The marketplace built when data.dir is "" (1200 products); its `seed` (`--config.data.market.seed`) is the
+    # world seed, independent of the model seed `c.seed`.
+    c.data.market = market.get_config("reward")
     c.data.image_size = 32  # side of each half of the left|right pair image
     c.data.random_flip = True  # swap left/right (and labels) at random while training
     c.data.train_split = "train"
@@ -98,6 +100,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 64
+    # Product-clustered bootstrap resamples of the final (test) evaluation's intervals (caig_jax.eval.intervals).
+    c.eval.bootstrap_resamples = 1000
 
     if preset == "tiny":
         pass
