@@ -94,7 +94,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.01
     c.train.end_lr_ratio = 0.05
     c.train.log_every = 20
-    c.train.eval_every = 0
+    # Evaluate on val (the only split choices are made on) every this many steps and at the end of training
+    # (the engine's eval hook); test is read once, afterwards, by the final evaluation (eval.final_test).
+    c.train.eval_every = 2000
     c.train.checkpoint_every = 400
     c.train.extra_trainable = ("^cls/", "^ctr/")  # heads train even when trainable='lora'
 
@@ -102,6 +104,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.batch_size = 64
     # Product-clustered bootstrap resamples of the final (test) evaluation's intervals (caig_jax.eval.intervals).
     c.eval.bootstrap_resamples = 1000
+    # True: after training, the final evaluation reads the test split once (jobs/reward.py). False: a tuning run,
+    # reported on the val split (`<workdir>/validation/`) without reading test.
+    c.eval.final_test = True
 
     if preset == "tiny":
         pass

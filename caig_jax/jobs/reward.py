@@ -215,6 +215,23 @@ def protocol_markdown(config, record: dict) -> str:
     return "\n".join(lines)
 
 
+def validation_report(config, workdir: str, trained, data_dir: str, mesh) -> dict:
+    """A tuning run (`eval.final_test` False): every run on the val split with intervals, reported in
+    `<workdir>/validation/`; the test split is not read. Returns {name: val metrics}."""
+    results = {name: evaluate_split(run_config, data_dir, config.data.val_split, model, mesh)
+               for name, _, model, run_config, _ in trained}
+    main = results[trained[0][0]]
+    if jax.process_index() == 0:
+        out = os.path.join(workdir, "validation")
+        sections = {"Ablation: point_weight (same data, same seed)": reward_accuracy.compare_runs(results)}
+        write_report(main, out, title=f"Reward model on the {config.data.val_split!r} split (tuning run: test not read)",
+                     extra_sections=sections, metrics_jsonl=os.path.join(workdir, "metrics.jsonl"))
+        write_json_atomic(os.path.join(out, "report_ablation.json"),
+                          reward_accuracy.to_jsonable({k: dict(v) for k, v in results.items()}))
+        _summary(main)
+    return results
+
+
 def _summary(main) -> None:
     print(json.dumps({k: main.get(k) for k in HEADLINE_KEYS}, indent=2, default=float))
 
@@ -241,6 +258,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log.info("training %s in %s", name, run_dir)
         model, run_config, val = train_one(config, run_dir, data_dir, mesh, weight, source)
         trained.append((name, run_dir, model, run_config, val))
+    if not config.eval.final_test:
+        return validation_report(config, workdir, trained, data_dir, mesh)
     results = final_evaluation(config, workdir, trained, data_dir, mesh, saved)
     main = results[runs[0][0]]
     if jax.process_index() == 0:
