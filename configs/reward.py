@@ -4,17 +4,22 @@ Run (CPU, tiny; marketplace included; its measured time and results are in the R
     python -m caig_jax.main --config=configs/reward.py:tiny --workdir=runs/reward_tiny
 
 Expect: the synthetic marketplace built into `<workdir>/market/` (first run only), a progress bar with
-steps/s and examples/s while the loss falls from ~0.69, a second run of the same length for the
-`point_weight=0` ablation, then a summary printing the held-out accuracy with its 95% CI next to the oracle
-accuracy, and `target_met: true` when accuracy - 0.5 >= 0.8 * (oracle - 0.5). Read `<workdir>/report.md` (overall and
-per-category accuracy, CTR head ordering accuracy and correlation, calibration plot, margin vs true CTR
-difference, the ablation table) and `tensorboard --logdir <workdir>`.
+steps/s and examples/s while the loss falls from ~0.69, a validation pass at the end of training, a second run
+of the same length for the `point_weight=0` ablation, then the final evaluation (the test split, read once per
+run) and a summary of the headline metrics: the paper's metric (accuracy vs logged labels) with the oracle,
+agreement with the true CTR order on test pairs whose true ratio is in [1.05, 1.20] with its product-bootstrap
+95% interval, the margin-true Spearman and the top-1 regret. Read `<workdir>/report.md` (headline metrics,
+protocol with the val figures, per category, CTR head, calibration, the ablation table) and
+`tensorboard --logdir <workdir>`. Re-running a finished workdir prints the saved report (test is not read
+again); a different config needs a new workdir. Tuning: `--config.eval.final_test=False` reports on val only
+(`<workdir>/validation/`); `benchmarks/reward_seeds.py` runs 3 model seeds x 2 world seeds
+(`--config.seed`, `--config.data.market.seed`) and writes one table.
 
 Presets (`:ARG`):
 - `tiny`: a randomly initialised tiny LLaVA-NeXT (2 decoder layers of width 64 with RoPE base 30, a 2-layer CLIP
   tower on 32 px tiles) trained from scratch on 32x64 pair images of a 1200-product marketplace
-  (`configs/market.py:reward`); a word-level tokenizer is built from the data into `<workdir>/tokenizer`. The CPU
-  is split into 4 XLA devices (`cpu_devices`), the batch sharded over them.
+  (`configs/market.py:reward`); a word-level tokenizer is built from the train and val texts into
+  `<workdir>/tokenizer`. The CPU is split into 4 XLA devices (`cpu_devices`), the batch sharded over them.
 - `7b`: LLaVA-v1.6-Vicuna-7B on a TPU pod slice: set `--config.model.pretrained=/path/to/llava-v1.6-vicuna-7b`
   (transformers or original-LLaVA layout; heads are loaded if present, else initialised) and
   `--config.data.dir=/path/to/tfds` (your `ctr_logs` dataset). bf16 compute with fp32 master weights, frozen
@@ -42,7 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""  # TFDS data dir with ctr_logs; "" = build the marketplace into <workdir>/market
-    c.data.market = market.get_config("reward")  # the marketplace built when data.dir is "" (1200 products)
+    # The marketplace built when data.dir is "" (1200 products); its `seed` (`--config.data.market.seed`) is the
+    # world seed, independent of the model seed `c.seed`.
+    c.data.market = market.get_config("reward")
     c.data.image_size = 32  # side of each half of the left|right pair image
     c.data.random_flip = True  # swap left/right (and labels) at random while training
     c.data.train_split = "train"
@@ -93,12 +100,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.01
     c.train.end_lr_ratio = 0.05
     c.train.log_every = 20
-    c.train.eval_every = 0
+    # Evaluate on val (the only split choices are made on) every this many steps and at the end of training
+    # (the engine's eval hook); test is read once, afterwards, by the final evaluation (eval.final_test).
+    c.train.eval_every = 2000
     c.train.checkpoint_every = 400
     c.train.extra_trainable = ("^cls/", "^ctr/")  # heads train even when trainable='lora'
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 64
+    # Product-clustered bootstrap resamples of the final (test) evaluation's intervals (caig_jax.eval.intervals).
+    c.eval.bootstrap_resamples = 1000
+    # True: after training, the final evaluation reads the test split once (jobs/reward.py). False: a tuning run,
+    # reported on the val split (`<workdir>/validation/`) without reading test.
+    c.eval.final_test = True
 
     if preset == "tiny":
         pass

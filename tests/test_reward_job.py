@@ -2,11 +2,13 @@
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 
 from caig_jax.data import market_datasets, reward_inputs
+from caig_jax.errors import UserError
 from caig_jax.jobs import reward
 from caig_jax.main import load_config
 from caig_jax.metrics import read_jsonl
@@ -114,7 +116,8 @@ def test_short_run_beats_chance_on_held_out_products(tmp_path):
 
     mesh = parallel.make_mesh({"data": 8})
     model, run_config = load_trained(os.path.join(root, "run"), mesh)
-    metrics = reward.evaluate_split(run_config, data_dir, "test", model, mesh, dataset_config="market_wide")
+    metrics = reward.evaluate_split(run_config, data_dir, "test", model, mesh, dataset_config="market_wide",
+                                    final=True)
     assert metrics["n"] > 500
     assert metrics["accuracy_ci"][0] > 0.5, (metrics["accuracy"], metrics["accuracy_ci"])
 
@@ -155,3 +158,67 @@ def test_own_marketplace_is_checked_against_its_files_on_every_run(tmp_path):
     with pytest.raises(DataError, match=r"val_data_list\.txt \(size") as e:
         reward.ensure_data(config, workdir)
     assert "--config.data.market.build.overwrite=True" in e.value.fix
+
+
+def _in_final_evaluation() -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "final_evaluation" and frame.f_globals.get("__name__") == reward.__name__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_test_split_is_read_once_by_the_final_evaluation(small_market, tmp_path, monkeypatch):
+    """Every read of a split goes through `reward_inputs.reward_pair_source` (tokenizer corpus, training pairs,
+    val and test batches). The test split is opened once per run, by the final evaluation, after all training
+    and validation; a re-run of the finished workdir reads nothing and returns the saved report; a re-run with
+    another config is refused."""
+    reads = []
+    original = reward_inputs.reward_pair_source
+
+    def recording(data_dir, split, config_name=None):
+        reads.append((split, _in_final_evaluation()))
+        return original(data_dir, split, config_name)
+
+    monkeypatch.setattr(reward_inputs, "reward_pair_source", recording)
+    config = _config(small_market, steps=6, eval_every=3, checkpoint_every=6)
+    config.eval.bootstrap_resamples = 50
+    workdir = str(tmp_path / "run")
+    results = reward.run(config, workdir)
+
+    test_reads = [i for i, (split, _) in enumerate(reads) if split == "test"]
+    assert len(test_reads) == 2, reads  # main run + the point_weight=0 ablation
+    assert all(reads[i][1] for i in test_reads), reads  # ... both inside final_evaluation
+    assert min(test_reads) > max(i for i, (split, _) in enumerate(reads) if split != "test"), reads
+    assert {"train", "val"} <= {split for split, _ in reads}
+    with open(os.path.join(workdir, reward.TEST_READS)) as f:
+        logged = [json.loads(line) for line in f]
+    assert [(r["run"], r["split"], r["by"]) for r in logged] == [
+        ("point_weight=0.5", "test", "final evaluation"), ("point_weight=0.0", "test", "final evaluation")]
+    saved = json.load(open(os.path.join(workdir, reward.FINAL_EVALUATION)))
+    assert saved["complete"] and set(saved["runs"]) == set(results) and set(saved["val"]) == set(results)
+    main = saved["runs"]["point_weight=0.5"]
+    for key in ("accuracy", "accuracy_product_ci", "oracle_accuracy", "true_ratio_agreement",
+                "true_ratio_agreement_ci", "margin_true_spearman", "margin_true_spearman_ci", "top1_regret"):
+        assert key in main, key
+    assert saved["val"]["point_weight=0.5"]["n"] > 0  # the val metrics of the end of training
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert "read once" in report and "## Headline metrics" in report and "## Evaluation protocol" in report
+
+    # A finished workdir: nothing is read, the saved report comes back.
+    del reads[:]
+    again = reward.run(config, workdir)
+    assert reads == [] and json.dumps(again, sort_keys=True) == json.dumps(saved["runs"], sort_keys=True)
+    assert len(open(os.path.join(workdir, reward.TEST_READS)).readlines()) == 2
+    # Another config on the same workdir would read test again: refused, nothing read.
+    config.train.learning_rate = 5e-4
+    with pytest.raises(UserError, match="train.learning_rate"):
+        reward.run(config, workdir)
+    assert reads == []
+
+
+def test_evaluate_split_refuses_the_test_split_outside_the_final_evaluation():
+    config = load_config(os.path.join(REPO, "configs", "reward.py:tiny"))
+    with pytest.raises(ValueError, match="read once, by the final evaluation"):
+        reward.evaluate_split(config, "/nonexistent", config.data.test_split, None, None)

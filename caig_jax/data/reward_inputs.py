@@ -48,10 +48,14 @@ def rm_conversation(caption: str, category: str, attributes: str) -> list[dict]:
 
 
 
+TOKENIZER_SPLITS = ("train", "val")  # never the test split: it is read once, by the final evaluation
+
+
 def _text_corpus(data_dir: str) -> list[str]:
-    """Every RM conversation of the dataset, rendered (builds the tiny presets' tokenizer)."""
+    """Every RM conversation of the dataset's train and val splits, rendered (builds the tiny presets' tokenizer;
+    a word only the test split holds is split into known pieces, as a pretrained tokenizer would split it)."""
     texts = []
-    for split in ("train", "val", "test"):
+    for split in TOKENIZER_SPLITS:
         try:
             source = reward_pair_source(data_dir, split)
         except KeyError:
@@ -109,7 +113,7 @@ class RewardInputBatches:
 
     Each batch: input_ids / attention_mask int32[B, T] (T = max_len, right padded), pixel_values
     float32[B, P, 3, S, S], image_layout int32[B, 7], label int32[B], ctr float32[B, 2]; with `keep_meta`, also
-    true_ctr float32[B, 2] and category / item_id arrays (for evaluation only: text never goes to devices).
+    true_ctr float32[B, 2] and category / item_id / left_id / right_id arrays (for evaluation only: text never goes to devices).
     Image processing and tokenisation run on the host while the devices compute the previous step
     (`prefetch` batches ahead); `get_state()` is the wrapped stream's position *after the last batch handed
     out*, so a checkpoint never skips or repeats a batch.
@@ -139,7 +143,8 @@ class RewardInputBatches:
         }
         if self.keep_meta:
             out.update(true_ctr=np.asarray(raw["true_ctr"], np.float32), category=np.asarray(raw["category"]),
-                       item_id=np.asarray(raw["item_id"]), index=np.asarray(raw["index"]))
+                       item_id=np.asarray(raw["item_id"]), index=np.asarray(raw["index"]),
+                       left_id=np.asarray(raw["left_id"]), right_id=np.asarray(raw["right_id"]))
         return out
 
     def _produce(self, queue: "Queue", stop: threading.Event) -> None:

@@ -22,7 +22,7 @@ from caig_jax import parallel
 from caig_jax.eval import reward_accuracy
 from caig_jax.files import save_npz_atomic
 
-META_KEYS = ("label", "ctr", "true_ctr", "category", "index", "item_id")
+META_KEYS = ("label", "ctr", "true_ctr", "category", "index", "item_id", "left_id", "right_id")
 
 
 def local_batch_multiple(mesh) -> int:
@@ -82,6 +82,7 @@ def evaluate(
     mesh,
     *,
     predictions_path: str | None = None,
+    num_resamples: int = reward_accuracy.DEFAULT_RESAMPLES,
 ) -> reward_accuracy.PairMetrics:
     """Runs `model` over one pass of `batches` and returns `reward_accuracy.pairwise_metrics` of all rows.
 
@@ -90,11 +91,12 @@ def evaluate(
         process's rows of the batch, in order (`caig_jax.models.reward.predict_batch`, or a baseline's).
       model: whatever `predict_fn` takes.
       batches: this process's numpy batches (keys 'label', 'ctr', model inputs, optional 'true_ctr',
-        'category', 'index', 'item_id'); any sizes, and processes may hold different numbers of batches.
+        'category', 'index', 'item_id', 'left_id', 'right_id'); any sizes, and processes may hold different numbers of batches.
       mesh: the device mesh; batches are padded to a multiple of this process's batch shards (and to the
         size every process agrees on for the step) and pad rows are dropped from the results.
       predictions_path: when given, this process writes its own rows' predictions (and labels, CTRs,
         categories, indices) there; `{process}` in the path is replaced by the process index.
+      num_resamples: product-clustered bootstrap resamples of the headline intervals (0: no intervals).
 
     Returns:
       PairMetrics over every row of every process (the same on every process).
@@ -142,5 +144,6 @@ def evaluate(
     rows = _gather_rows(local)
     return reward_accuracy.pairwise_metrics(
         rows["cls_logits"], rows["ctr_pred"], rows["label"], rows["ctr"],
-        categories=rows.get("category"), true_ctrs=rows.get("true_ctr"),
+        categories=rows.get("category"), true_ctrs=rows.get("true_ctr"), items=rows.get("item_id"),
+        left_ids=rows.get("left_id"), right_ids=rows.get("right_id"), num_resamples=num_resamples,
     )
