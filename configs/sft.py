@@ -62,6 +62,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.val_split = "val"
     c.data.template = "vicuna_v1"  # LLaVA's conv_vicuna_v1 (CAIG trains with --version v1)
     c.data.image_size = 32  # tiny presets: the tower's tile side (pretrained: from the checkpoint)
+    # Training images, transformed per row (labels unchanged, colours untouched): mirrored left-right with
+    # probability 1/2, shrunk by up to `augment_shrink` and shifted by up to `augment_shift` of the side.
+    c.data.random_flip = True
+    c.data.augment_shrink = 0.2
+    c.data.augment_shift = 0.1
     c.data.num_buckets = 3  # at most this many padded lengths (compiled step shapes)
     c.data.bucket_multiple = 16
     # Background-prompt conversations to train on: 'all' logged creatives' prompts, or each product's top
@@ -90,6 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.tiny.vision_layers = 2
     c.model.tiny.vision_heads = 4
     c.model.tiny.vision_patch_size = 8
+    c.model.tiny.vision_feature_layer = -2  # LLaVA's: the second-to-last tower layer's patch features
 
     c.train = train_config()
     c.train.steps = 900
@@ -121,6 +127,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.cpu_devices = 0
         c.data.dir = "/path/to/tfds"
         c.data.prompt_selection = "all"
+        c.data.random_flip = False
+        c.data.augment_shrink = 0.0
+        c.data.augment_shift = 0.0
         c.data.family_weights = ml_collections.ConfigDict()
         c.data.num_buckets = 4
         c.data.bucket_multiple = 128

@@ -130,7 +130,7 @@ class _FakeData:
 
     bucket_of = sft_inputs.ConversationData.bucket_of
 
-    def batch(self, indices, length):
+    def batch(self, indices, length, augments=None):
         assert all(self.lengths[i] <= length for i in indices)
         return {"index": np.asarray(indices), "length": np.full(len(indices), length)}
 
@@ -151,6 +151,23 @@ def test_batch_stream_is_bucketed_deterministic_and_resumes_exactly():
     assert not np.array_equal(next(SFTBatches(data, buckets, 8, seed=4))["index"], first[0]["index"])
     with pytest.raises(Exception, match="another data configuration"):
         SFTBatches(data, buckets, 16, seed=3).set_state(stream.get_state())
+
+
+def test_augment_moves_pixels_but_keeps_colours():
+    from caig_jax.data.sft_inputs import Augment
+
+    image = np.full((40, 40, 3), 255, np.uint8)
+    image[10:30, 5:20] = (200, 30, 40)  # a red box left of centre on white
+    assert Augment().is_identity
+    flipped = Augment(flip=True).apply(image)
+    np.testing.assert_array_equal(flipped, image[:, ::-1])
+    moved = Augment(scale=0.8, dx=0.1, dy=-0.05).apply(image)
+    colours = {tuple(c) for c in moved.reshape(-1, 3)}
+    assert (200, 30, 40) in colours and (255, 255, 255) in colours and not np.array_equal(moved, image)
+    rng = np.random.default_rng(0)
+    draws = [Augment.draw(rng, flip=True, max_shrink=0.2, max_shift=0.1) for _ in range(200)]
+    assert all(0.8 <= a.scale <= 1.0 and abs(a.dx) <= 0.1 and abs(a.dy) <= 0.1 for a in draws)
+    assert 60 < sum(a.flip for a in draws) < 140
 
 
 # ------------------------------------------------------------------------------------------------ data selection

@@ -199,7 +199,7 @@ def build_inputs(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
     llava_config = dataclasses.replace(
         tiny_llava_config(config.model.tiny, s, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"),
                           tokenizer.pad_token_id),
-        image_grid_pinpoints=((s, s),))
+        image_grid_pinpoints=((s, s),), vision_feature_layer=int(config.model.tiny.get("vision_feature_layer", -2)))
     processor = ImageProcessor(ImageProcessorConfig(
         kind="llava_next", size={"shortest_edge": s}, crop_size={"height": s, "width": s},
         image_grid_pinpoints=((s, s),)))
@@ -220,6 +220,36 @@ def image_size(data: bytes) -> tuple[int, int]:
         return im.size[1], im.size[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """A label-preserving transform of a training image: mirror left-right (`flip`), shrink by `scale` (<= 1)
+    about the centre and shift by (`dx`, `dy`) of the width / height; the uncovered border repeats the edge
+    pixels (the white around a cut-out, the background of an ad). Colours are never changed."""
+
+    flip: bool = False
+    scale: float = 1.0
+    dx: float = 0.0
+    dy: float = 0.0
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.flip and self.scale == 1.0 and self.dx == 0.0 and self.dy == 0.0
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, *, flip: bool, max_shrink: float, max_shift: float) -> Augment:
+        return cls(flip=bool(flip and rng.random() < 0.5), scale=float(1.0 - max_shrink * rng.random()),
+                   dx=float(max_shift * (2 * rng.random() - 1)), dy=float(max_shift * (2 * rng.random() - 1)))
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        import cv2
+
+        h, w = image.shape[:2]
+        fx = -1.0 if self.flip else 1.0
+        m = np.array([[self.scale * fx, 0.0, w / 2 * (1 - self.scale * fx) + self.dx * w],
+                      [0.0, self.scale, h / 2 * (1 - self.scale) + self.dy * h]], np.float32)
+        return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
+
+
 class ConversationData:
     """Conversations tokenised once (unpadded int32 arrays), with lazily decoded, cached images.
 
@@ -236,6 +266,7 @@ class ConversationData:
         self.inputs, self.llava_config = inputs, llava_config
         self.pad_id = pad_token_id(inputs.tokenizer)
         self._cache: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._decoded: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self.image_cache = image_cache
         self.max_patches = llava_config.max_patches
         side = llava_config.vision_config.image_size
@@ -258,32 +289,47 @@ class ConversationData:
     def __len__(self) -> int:
         return len(self.records)
 
-    def pixels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(pixel_values float32[P, 3, S, S], image_layout int32[7]) of example i (zeros for a text-only one)."""
+    def decoded(self, i: int) -> np.ndarray | None:
+        """Example i's image, uint8[H, W, 3] (cached), or None for a text-only example."""
         r = self.records[i]
-        key = r.image_key
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        if r.image is None:
+            return None
+        if r.image_key not in self._decoded:
+            self._decoded[r.image_key] = decode_image(r.image)
+            if len(self._decoded) > self.image_cache:
+                self._decoded.popitem(last=False)
+        return self._decoded[r.image_key]
+
+    def pixels(self, i: int, augment: Augment | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(pixel_values float32[P, 3, S, S], image_layout int32[7]) of example i (zeros for a text-only one),
+        of its image transformed by `augment` first (before tiling, so an anyres grid moves as a whole).
+        Unaugmented results are cached."""
+        r = self.records[i]
         side = self.llava_config.vision_config.image_size
         if r.image is None:
             pv = np.zeros((self.max_patches, 3, side, side), np.float32)
-            layout = layout_for(self.llava_config, [(side, side)])[0]
-        else:
-            out = self.inputs.image_processor([decode_image(r.image)], pad_patches_to=self.max_patches)
-            pv = out["pixel_values"][0].astype(np.float32)
-            layout = layout_for(self.llava_config, out["image_sizes"])[0]
-        value = (pv, layout.astype(np.int32))
-        for v in value:
-            v.flags.writeable = False
-        self._cache[key] = value
-        if len(self._cache) > self.image_cache:
-            self._cache.popitem(last=False)
+            return pv, layout_for(self.llava_config, [(side, side)])[0].astype(np.int32)
+        plain = augment is None or augment.is_identity
+        if plain and r.image_key in self._cache:
+            self._cache.move_to_end(r.image_key)
+            return self._cache[r.image_key]
+        image = self.decoded(i)
+        if not plain:
+            image = augment.apply(image)
+        out = self.inputs.image_processor([image], pad_patches_to=self.max_patches)
+        value = (out["pixel_values"][0].astype(np.float32), layout_for(self.llava_config, out["image_sizes"])[0].astype(np.int32))
+        if plain:
+            for v in value:
+                v.flags.writeable = False
+            self._cache[r.image_key] = value
+            if len(self._cache) > self.image_cache:
+                self._cache.popitem(last=False)
         return value
 
-    def batch(self, indices: Sequence[int], length: int) -> dict[str, np.ndarray]:
+    def batch(self, indices: Sequence[int], length: int,
+              augments: Sequence[Augment | None] | None = None) -> dict[str, np.ndarray]:
         """Model inputs of the examples `indices`, right padded to `length` (an example longer than `length`
-        raises: buckets are chosen so that none is)."""
+        raises: buckets are chosen so that none is); `augments[row]` transforms that row's image."""
         n = len(indices)
         ids = np.full((n, length), self.pad_id, np.int32)
         attention = np.zeros((n, length), np.int32)
@@ -296,7 +342,7 @@ class ConversationData:
             ids[row, : len(t)] = t
             attention[row, : len(t)] = 1
             loss[row, : len(t)] = self.loss_masks[i]
-            pv, layout = self.pixels(i)
+            pv, layout = self.pixels(i, augments[row] if augments is not None else None)
             pixels.append(pv)
             layouts.append(layout)
         return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss,
@@ -340,12 +386,16 @@ class SFTBatches:
     Each batch (this process's rows): input_ids, attention_mask, loss_mask int32[b, T] (T = the bucket's length),
     pixel_values float32[b, P, 3, S, S], image_layout int32[b, 7], and `loss_weight` float32[b] when
     `token_weights` (each row's weight in an exact token mean under gradient accumulation: see
-    `caig_jax.trainers.sft.make_loss_fn`).
+    `caig_jax.trainers.sft.make_loss_fn`). Augmentation (`Augment`, drawn per row from (seed, position), so a
+    resumed stream transforms the same rows the same way): `random_flip` mirrors with probability 1/2,
+    `max_shrink` / `max_shift` shrink by up to that fraction and shift by up to that fraction of the side.
     """
 
     def __init__(self, data: ConversationData, buckets: Sequence[int], batch_size: int, seed: int, *,
-                 token_weights: bool = False, grad_accum_steps: int = 1):
+                 token_weights: bool = False, grad_accum_steps: int = 1, random_flip: bool = False,
+                 max_shrink: float = 0.0, max_shift: float = 0.0):
         self.data, self.buckets, self.batch_size, self.seed = data, tuple(buckets), int(batch_size), int(seed)
+        self.random_flip, self.max_shrink, self.max_shift = random_flip, float(max_shrink), float(max_shift)
         self.token_weights, self.grad_accum_steps = token_weights, int(grad_accum_steps)
         processes = jax.process_count()
         if self.batch_size % processes:
@@ -379,7 +429,13 @@ class SFTBatches:
         bucket, indices = self.global_batch_indices(self.position)
         self.position += 1
         p = jax.process_index()
-        batch = self.data.batch(indices[p * self.local:(p + 1) * self.local], self.buckets[bucket])
+        rows = slice(p * self.local, (p + 1) * self.local)
+        augments = None
+        if self.random_flip or self.max_shrink or self.max_shift:
+            rng = np.random.default_rng([self.seed, 1, self.position - 1])
+            augments = [Augment.draw(rng, flip=self.random_flip, max_shrink=self.max_shrink, max_shift=self.max_shift)
+                        for _ in range(self.batch_size)][rows]
+        batch = self.data.batch(indices[rows], self.buckets[bucket], augments)
         if self.token_weights:
             # One weight for every row of the global batch: accum / (masked tokens of the whole global batch);
             # computed from all rows' masks, which every process has (tokenised data are on every process).

@@ -125,7 +125,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     buckets = train_data.bucket_lengths(config.data.num_buckets, config.data.bucket_multiple, config.train.batch_size)
     accum = config.train.grad_accum_steps
     batches = SFTBatches(train_data, buckets, config.train.batch_size, config.seed, token_weights=accum > 1,
-                         grad_accum_steps=accum)
+                         grad_accum_steps=accum, random_flip=config.data.random_flip,
+                         max_shrink=config.data.augment_shrink, max_shift=config.data.augment_shift)
     data_info.update(buckets=list(buckets), batches_per_epoch=batches.batches_per_epoch,
                      padding=float(1 - train_data.lengths.sum() / sum(
                          buckets[b] for b in train_data.bucket_of(buckets))))

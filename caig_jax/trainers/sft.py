@@ -36,7 +36,9 @@ def build_model(config: ml_collections.ConfigDict, llava_config: LlavaConfig, me
     if config.model.pretrained:
         model = llava_from_pretrained(config.model.pretrained, dtype=dtype, mesh=mesh)
     else:
-        model = parallel.sharded_init(lambda: LlavaModel(llava_config, rngs=nnx.Rngs(config.seed), dtype=dtype), mesh)
+        # The init program runs once: compiling it without LLVM optimisation halves its CPU time (~9 -> ~5 s).
+        model = parallel.sharded_init(lambda: LlavaModel(llava_config, rngs=nnx.Rngs(config.seed), dtype=dtype), mesh,
+                                      compiler_options={"xla_backend_optimization_level": 0})
     if config.model.lora_rank:
         apply_lora(model.language_model, rank=config.model.lora_rank, alpha=config.model.lora_alpha,
                    target=config.model.lora_target, seed=config.seed, dropout=config.model.lora_dropout)
