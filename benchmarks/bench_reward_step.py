@@ -12,7 +12,7 @@ same weights on the same batch: 32 left|right pair images of 32x64 (3 tiles each
 
 Timed: one full training step, forward, CE + 0.5 * MSE on the heads at the last non-pad token, backward, AdamW
 (clipped at global norm 1): median seconds over `--steps` steps after 3 warm-up steps, and examples/s.
-  * ours: the reward job's own step and loop (`caig_jax.trainers.trainer.Trainer.train`, the jitted donated step,
+  * ours: the reward job's own step and loop (the engine's `Trainer.train`, the jitted donated step,
     metrics fetched every step as in training), fed the fixed batch; the step time is the interval between the
     loop's requests for batches. Each device count runs in its own process (`caig_jax.parallel.set_cpu_devices`
     must run before JAX starts) with the batch sharded over a `data` mesh of that many CPU devices.
@@ -70,13 +70,14 @@ def build(folder: str):
     model = LlavaNextForConditionalGeneration(LlavaNextConfig(
         **tiny_shapes(), image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[[PAIR_SIZE, 2 * PAIR_SIZE]],
         pad_token_id=PAD))
-    # The shapes above restate `caig_jax.trainers.reward.tiny_llava_config` in transformers' terms: fail loudly if
+    # The shapes above restate `caig_jax.models.reward.tiny_llava_config` in transformers' terms: fail loudly if
     # the preset has moved on and this benchmark no longer times the job's model.
     from caig_jax.models.llava import LlavaConfig
-    from caig_jax.trainers.reward import tiny_llava_config
+    from caig_jax.models.reward import tiny_llava_config
     from configs import reward as reward_config
 
-    job_config = tiny_llava_config(reward_config.get_config("tiny"), VOCAB, IMAGE_TOKEN, PAD)
+    job = reward_config.get_config("tiny")
+    job_config = tiny_llava_config(job.model.tiny, job.data.image_size, VOCAB, IMAGE_TOKEN, PAD)
     if LlavaConfig.from_hf(model.config) != job_config:
         raise RuntimeError(f"the benchmark's model {LlavaConfig.from_hf(model.config)} is not the reward job's tiny "
                            f"model {job_config}: update tiny_shapes()")
@@ -177,7 +178,7 @@ def time_ours(folder: str, devices: int, steps: int) -> dict:
     config.train.steps = WARMUP + steps
     config.train.log_every = config.train.checkpoint_every = 10**6
     mesh = parallel.make_mesh({"data": -1})
-    model = reward_model.from_pretrained(folder, mesh=mesh)
+    model = reward_model.from_pretrained(folder, mesh=mesh)  # caig_jax.models.reward
     raw = dict(np.load(os.path.join(folder, "batch.npz")))
     batch = {"input_ids": raw["input_ids"].astype(np.int32), "attention_mask": raw["attention_mask"].astype(np.int32),
              "pixel_values": raw["pixel_values"], "image_layout": layout_for(model.config, raw["image_sizes"]),

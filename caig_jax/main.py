@@ -23,6 +23,7 @@ from typing import NoReturn
 from absl import app, flags
 from ml_collections import config_flags
 
+from caig_jax import parallel
 from caig_jax.config_files import add_config_root, config_keys, load_config
 from caig_jax.errors import MissingPathError, PathError, UserError, format_user_error
 
@@ -151,8 +152,6 @@ def _run_job() -> None:
     if config.job not in JOBS:
         raise app.UsageError(f"config.job={config.job!r} is not a job; known jobs: {sorted(JOBS)}")
     _check_workdir(_WORKDIR.value)
-
-    from caig_jax import parallel
 
     parallel.set_cpu_devices(config.get("cpu_devices", 0))
     parallel.maybe_initialize_distributed()

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 
@@ -37,8 +38,6 @@ class MetricWriter:
         self._jsonl = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            from tensorboardX import SummaryWriter
-
             purge_step = None
             if start_step is not None:
                 truncate_jsonl(self.jsonl_path, start_step)

@@ -38,6 +38,7 @@ from typing import Any
 
 import cv2
 import grain
+import jax
 import numpy as np
 
 from caig_jax.data.builders import _common
@@ -137,8 +138,6 @@ class RewardBatches(Iterator[dict[str, Any]]):
         prefetch: int = 4,
     ):
         if shard_index is None or shard_count is None:
-            import jax  # only to know this process's place; data loading itself never touches devices
-
             shard_index, shard_count = jax.process_index(), jax.process_count()
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")

@@ -147,6 +147,10 @@ def markdown_report(report: dict[str, Any]) -> str:
                    f"{r['creatives_low_impressions']} | {r['creatives_zero_ctr']} | {r['pairs_ratio_below_min']} | "
                    f"{r['pairs_ratio_above_max']} | {r['pairs_tied']} | {o.get('oracle_accuracy', float('nan')):.3f} "
                    f"+- {o.get('oracle_ci95', float('nan')):.3f} |")
+    world_md = os.path.join(report["market_dir"], "world_report.md")
+    if os.path.exists(world_md):  # the world's figures (caig_jax.data.world), written by make_market
+        with open(world_md) as f:
+            out += ["", f.read().strip().replace("\n# ", "\n## ")]
     out += ["", "## Datasets", ""]
     for name, d in report["datasets"].items():
         out.append(f"- `{name}`: `{d['path']}`; bad data: {d['report'].get('bad_data', {}).get('skipped', {})}")

@@ -91,6 +91,14 @@ def build_inputs(config: ml_collections.ConfigDict, workdir: str, data_dir: str)
     return LlavaInputs(tokenizer, processor, llava_config), llava_config
 
 
+def pair_patches(config: LlavaConfig, pair_size: tuple[int, int]) -> int:
+    """Tower images (tiles + base) of one left|right pair image of (height, width) `pair_size`: every pair of a
+    dataset has one size, so batches carry exactly these tiles, not the config's worst case (`max_patches`)."""
+    if not config.anyres:
+        return 1
+    return int(layout_for(config, [tuple(pair_size)])[0, 0])
+
+
 class RewardInputBatches:
     """Pair batches (caig_jax.data.loader) -> model inputs, converted in a background thread.
 
@@ -119,7 +127,7 @@ class RewardInputBatches:
         config = self.llava_config
         batch = self.inputs(
             list(raw["image"]), conversations, add_generation_prompt=True, padding_side="right",
-            max_len=self.max_len, pad_patches_to=config.max_patches,
+            max_len=self.max_len, pad_patches_to=pair_patches(config, np.asarray(raw["image"][0]).shape[:2]),
         )
         out = {
             "input_ids": batch["input_ids"],

@@ -8,10 +8,12 @@ conversations, the contact sheet and the reports; see `make_market`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
 from typing import Any
@@ -154,9 +156,6 @@ def _simulate_item(out_dir: str, cfg: MarketConfig, seed: int, index: int) -> di
 def _simulate_items(out_dir: str, cfg: MarketConfig, seed: int) -> list[dict[str, Any]]:
     indices = range(cfg.num_products)
     if cfg.num_workers > 1:
-        import concurrent.futures
-        import multiprocessing
-
         ctx = multiprocessing.get_context("spawn")  # the parent may hold JAX threads: never fork it
         with concurrent.futures.ProcessPoolExecutor(cfg.num_workers, mp_context=ctx) as pool:
             return list(pool.map(_simulate_item, *zip(*[(out_dir, cfg, seed, i) for i in indices]), chunksize=8))

@@ -56,9 +56,11 @@ bootstrap over products.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import math
+import multiprocessing
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -129,9 +131,6 @@ class PromptLooks:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
             if workers > 1 and len(missing) >= 2000:
-                import concurrent.futures
-                import multiprocessing
-
                 chunks = [missing[k::workers * 4] for k in range(workers * 4)]
                 ctx = multiprocessing.get_context("spawn")  # the parent may hold JAX threads: never fork it
                 with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:

@@ -22,6 +22,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from transformers import CLIPConfig as HFCLIPConfig
+from transformers import CLIPTextConfig as HFCLIPTextConfig
+from transformers import CLIPVisionConfig as HFCLIPVisionConfig
 
 from caig_jax.models import layers
 from caig_jax.models.llama import grouped_query_attention
@@ -46,6 +49,10 @@ class CLIPVisionConfig:
     patch_size: int = 32
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    remat_policy: str = "none"  # not architecture: what each layer keeps for backward (`layers.REMAT_POLICIES`)
+
+    def __post_init__(self):
+        layers.check_remat_policy(self.remat_policy)
 
     @property
     def grid_size(self) -> int:
@@ -65,9 +72,6 @@ class CLIPVisionConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPVisionConfig":
         """From a `config.json` dict of a `CLIPVisionModel` or a full `CLIPModel` (parsed by transformers)."""
-        from transformers import CLIPConfig as HFCLIPConfig
-        from transformers import CLIPVisionConfig as HFCLIPVisionConfig
-
         if d.get("model_type") == "clip" or "vision_config" in d:
             return cls.from_hf(HFCLIPConfig.from_dict(dict(d)).vision_config)
         return cls.from_hf(HFCLIPVisionConfig.from_dict(dict(d)))
@@ -115,9 +119,6 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPTextConfig":
-        from transformers import CLIPConfig as HFCLIPConfig
-        from transformers import CLIPTextConfig as HFCLIPTextConfig
-
         if d.get("model_type") == "clip" or "text_config" in d:
             return cls.from_hf(HFCLIPConfig.from_dict(dict(d)).text_config)
         return cls.from_hf(HFCLIPTextConfig.from_dict(dict(d)))
@@ -175,12 +176,13 @@ class CLIPEncoder(nnx.Module):
     def __init__(self, config, width_axis: str, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.layers = nnx.List([CLIPEncoderLayer(config, width_axis, **kw) for _ in range(config.num_hidden_layers)])
+        self.remat_policy = getattr(config, "remat_policy", "none")
 
     def __call__(self, x, mask=None, *, num_layers: int | None = None, collect: bool = False):
         """Runs the first `num_layers` layers (all by default). Returns (x, hidden states incl. the input)."""
         hidden_states = [x] if collect else None
         for layer in self.layers[: len(self.layers) if num_layers is None else num_layers]:
-            x = layer(x, mask)
+            x = layers.remat_call(layer, self.remat_policy, x, mask)
             if collect:
                 hidden_states.append(x)
         return x, hidden_states

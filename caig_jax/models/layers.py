@@ -29,6 +29,31 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+# Rematerialisation policies (`model.remat_policy`): what a layer keeps for the backward pass. 'none' keeps every
+# activation; 'full' keeps only the layer's input and recomputes the rest; 'dots' keeps matmul outputs;
+# 'dots_no_batch' keeps only weight matmuls (no attention scores), MaxText's usual choice for long sequences.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat_policy(policy: str) -> str:
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={policy!r}; known: {sorted(REMAT_POLICIES)}")
+    return policy
+
+
+def remat_call(module: nnx.Module, policy: str, *args):
+    """`module(*args)`; under `nnx.remat` with `policy` unless it is 'none', so the backward pass recomputes the
+    layer's activations instead of keeping them (same values, less memory, more compute)."""
+    if policy == "none":
+        return module(*args)
+    return nnx.remat(lambda m, *a: m(*a), policy=REMAT_POLICIES[policy])(module, *args)
+
+
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     """The activation a config names (`hidden_act`, `act_fn`), exactly as transformers / diffusers compute it."""
     if name not in ACTIVATIONS:

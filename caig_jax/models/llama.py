@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from transformers import LlamaConfig as HFLlamaConfig
 
 from caig_jax.models import layers
 
@@ -73,8 +74,10 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
+    remat_policy: str = "none"  # not architecture: what each layer keeps for backward (`layers.REMAT_POLICIES`)
 
     def __post_init__(self):
+        layers.check_remat_policy(self.remat_policy)
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
@@ -357,7 +360,10 @@ class LlamaForCausalLM(nnx.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             rows = query_index if i == last else None
-            x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index, rows)
+            if cache is None and self.config.remat_policy != "none":  # training / scoring: recompute in backward
+                x, kv = layers.remat_call(layer, self.config.remat_policy, x, cos, sin, mask, None, 0, rows)
+            else:
+                x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index, rows)
             new_cache.append(kv)
         return self.norm(x), (None if cache is None else tuple(new_cache))
 
@@ -424,6 +430,4 @@ def sample_logits(
 
 def config_from_mapping(d: Mapping[str, Any]) -> LlamaConfig:
     """LlamaConfig from a `config.json`-style dict, parsed by transformers' LlamaConfig (same defaults)."""
-    from transformers import LlamaConfig as HFLlamaConfig
-
     return LlamaConfig.from_hf(HFLlamaConfig.from_dict(dict(d)))

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from transformers import LlavaConfig as HFLlavaConfig
@@ -487,6 +488,15 @@ class LlavaModel(nnx.Module):
         return self._dispatch("_logprobs_impl", input_ids, pixel_values, image_sizes, attention_mask, image_layout)
 
 
+def set_remat(model: LlavaModel, policy: str) -> LlavaModel:
+    """Rematerialises every decoder and tower layer in the backward pass with `policy` (`layers.REMAT_POLICIES`;
+    'none' turns it off). Same values; less activation memory for more compute. Returns `model` (changed in place)."""
+    layers.check_remat_policy(policy)
+    model.language_model.config = dataclasses.replace(model.language_model.config, remat_policy=policy)
+    model.vision_tower.encoder.remat_policy = policy
+    return model
+
+
 def last_non_pad_index(attention_mask: jax.Array) -> jax.Array:
     """int32[B]: position of the last token with mask 1 (right padding: len-1; left padding: T-1)."""
     mask = jnp.asarray(attention_mask, jnp.int32)
@@ -608,8 +618,6 @@ def generate(
         mesh=mesh,
     )
     if mesh is not None and processes > 1:
-        from jax.experimental import multihost_utils
-
         # Rows are laid out process by process (make_array_from_process_local_data); return this process's.
         full = multihost_utils.process_allgather(out, tiled=True)
         start = jax.process_index() * local_padded

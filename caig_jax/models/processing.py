@@ -51,6 +51,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from caig_jax.errors import MissingPathError
 from caig_jax.models import adapter
@@ -537,7 +539,6 @@ def _word_pre_tokenizer(prepend: bool):
     """Llama's `▁` word handling: spaces become `▁` glued to the next word (and one `▁` in front of the text),
     then every character that is not a letter or mark (digits, punctuation, newlines) is its own piece, so
     pieces are whole words, `▁word`, or single characters."""
-    from tokenizers import Regex, pre_tokenizers
     return pre_tokenizers.Sequence([
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prepend else "never", split=True),
         pre_tokenizers.Split(Regex(r"[^\p{L}\p{M}▁]"), behavior="isolated"),
@@ -567,8 +568,6 @@ def build_word_tokenizer(texts: Iterable[str], out_dir: str, *, vocab_size: int 
     min_count: words and fragments seen fewer times are left out (characters are always kept).
     The same texts and arguments give byte-identical files.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
@@ -726,7 +725,6 @@ class LlavaInputs:
         """From a checkpoint folder: tokenizer (AutoTokenizer, local files only), model config
         (`config.json` unless given), image processor (`preprocessor_config.json` / `processor_config.json`,
         else the vision tower folder's, else implied by the model config)."""
-        from transformers import AutoTokenizer  # tokenizers only; no torch needed.
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if config is None:
             config = path

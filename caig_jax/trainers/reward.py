@@ -19,7 +19,7 @@ from flax import nnx
 from caig_jax import parallel
 from caig_jax.checkpoint import restore_params
 from caig_jax.data.reward_inputs import build_inputs
-from caig_jax.models.llava import LlavaConfig
+from caig_jax.models.llava import LlavaConfig, set_remat
 from caig_jax.models.lora import apply_lora
 from caig_jax.models.reward import RewardModel
 from caig_jax.models.reward import from_pretrained as reward_from_pretrained
@@ -36,6 +36,7 @@ def build_model(config: ml_collections.ConfigDict, llava_config: LlavaConfig, me
                                        init_missing_heads=True, seed=config.seed)
     else:
         model = parallel.sharded_init(lambda: RewardModel(llava_config, rngs=nnx.Rngs(config.seed), dtype=dtype), mesh)
+    set_remat(model.backbone, config.model.get("remat_policy", "none"))
     if config.model.lora_rank:
         apply_lora(model.backbone.language_model, rank=config.model.lora_rank, alpha=config.model.lora_alpha,
                    target=config.model.lora_target, seed=config.seed)

@@ -234,15 +234,27 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     def init_state(self, params: Any) -> State:
         """A fresh train state (step 0, new optimizer moments) for `params`, an nnx.State of the trainable set
-        already on the mesh (e.g. from another run); the moments are created sharded like their parameters."""
+        already on the mesh (e.g. from another run); the moments are created sharded like their parameters.
+        Abstract `params` (`jax.ShapeDtypeStruct`s with shardings) give an abstract state: what `caig_jax.aot`
+        lowers the step with."""
         replicated = NamedSharding(self.mesh, P())
         opt_shardings = _opt_state_shardings(self.tx, params, self.mesh)
-        with jax.set_mesh(self.mesh):
-            opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
         self.state_shardings = {
             "step": replicated, "params": jax.tree.map(lambda x: x.sharding, params), "opt_state": opt_shardings,
         }
+        if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+            opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                     jax.eval_shape(self.tx.init, params), opt_shardings)
+            return {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), "params": params,
+                    "opt_state": opt_state}
+        with jax.set_mesh(self.mesh):
+            opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
         return {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params, "opt_state": opt_state}
+
+    def lower_step(self, batch: Mapping[str, jax.ShapeDtypeStruct]) -> jax.stages.Lowered:
+        """The jitted step lowered for the current (possibly abstract) state and a batch of global shapes."""
+        with jax.set_mesh(self.mesh):
+            return self._jitted_step.lower(self.state, self.frozen, batch)
 
     def _build_step(self):
         graphdef, loss_fn, tx, schedule = self.graphdef, self.loss_fn, self.tx, self.schedule

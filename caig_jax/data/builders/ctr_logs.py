@@ -19,10 +19,10 @@ metadata (`builder.info.metadata["report"]`) and returned by `build`.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import math
+import os
 from typing import Any
 
 import cv2
@@ -94,8 +94,6 @@ class CtrLogs(tfds.core.GeneratorBasedBuilder):
                 raise DataError("ctr_logs: layout 'creative_ranking' needs source=ROOT (holding list/ and images/)")
             return logs_lib.read_creative_ranking(cfg.source, images_dir=cfg.images_dir or None, bad=bad)
         if cfg.layout == "caig_json":
-            import os
-
             if cfg.json_files:
                 by_split = {}
                 for split, path in cfg.json_files:

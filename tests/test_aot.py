@@ -1,0 +1,42 @@
+"""Ahead-of-time compile for TPU topologies (`python -m caig_jax.aot`), with libtpu, on this CPU host.
+
+libtpu is an optional extra (requirements-tpu.txt), installed into its own folder so that it does not start a TPU
+client in every test: `.ci/run` installs it and sets CAIG_LIBTPU_PATH to that folder.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ._smoke_utils import REPO
+
+LIBTPU = os.environ.get("CAIG_LIBTPU_PATH", "")
+
+
+def _aot(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (LIBTPU, REPO) if p), TPU_SKIP_MDS_QUERY="1")
+    env.pop("XLA_FLAGS", None)  # the test session's 8 emulated CPU devices are not the topology's
+    return subprocess.run([sys.executable, "-m", "caig_jax.aot", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+needs_libtpu = pytest.mark.skipif(
+    not LIBTPU and not os.environ.get("CI"), reason="libtpu not installed (set CAIG_LIBTPU_PATH; CI does)")
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_tiny_reward_step_compiles_for_a_v5e_slice_and_reports_memory():
+    out = _aot("--config=configs/reward.py:tiny", "--topology=v5e:2x2", "--config.mesh.data=2",
+               "--config.mesh.fsdp=2", "--config.cpu_devices=0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "v5e:2x2: 4 x TPU v5 lite, mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in out.stdout
+    assert "of 16.00 GiB HBM" in out.stdout and "step-time lower bound" in out.stdout and "fits" in out.stdout
+
+
+def test_unknown_topology_is_one_line():
+    out = _aot("--config=configs/reward.py:tiny", "--topology=v9-1")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("error: --topology='v9-1' is not a known slice name")
