@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.generation.max_new_tokens = 24
     c.generation.prompt_length = 0  # padded prompt length of the sampler (0: the longest, rounded up to 16)
     c.generation.batch_size = 64
-    c.generation.sequence_length = 112  # instruction + answer tokens of a preference sequence
+    c.generation.sequence_length = 128  # instruction + answer tokens of a preference sequence
 
     c.train = train_config()
     c.train.trainable = "lora"  # only the new adapters: the SFT PM's weights, tower and projector stay frozen

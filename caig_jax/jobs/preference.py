@@ -178,7 +178,11 @@ def sample_round(r: int, trainer: Trainer, inputs, judge: Judge, market: World, 
     for prefix, parts in (("chosen", (images, titles, chosen, templates)),
                           ("rejected", (images, titles, rejected, templates)),
                           ("corrupt", (c_images, c_titles, c_answers, c_templates))):
-        for key, value in sequence_batch(inputs, llava_config, *parts, length).items():
+        try:
+            tensors = sequence_batch(inputs, llava_config, *parts, length)
+        except ValueError as e:
+            raise UserError(f"round {r}: {e}", fix="raise config.generation.sequence_length") from None
+        for key, value in tensors.items():
             data[f"{prefix}_{key}"] = value
     n = len(pids)
     padded, _ = parallel.pad_to_multiple(data, parallel.num_batch_shards(mesh))
