@@ -51,7 +51,10 @@ def remat_call(module: nnx.Module, policy: str, *args):
     layer's activations instead of keeping them (same values, less memory, more compute)."""
     if policy == "none":
         return module(*args)
-    return nnx.remat(lambda m, *a: m(*a), policy=REMAT_POLICIES[policy])(module, *args)
+    # A pure function of the layer's state (not nnx.remat): nothing is written back into the module, so a layer
+    # whose variables come from an outer trace (a model merged inside jit + grad, LoRA dropout streams) is fine.
+    graphdef, state = nnx.split(module)
+    return jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a), policy=REMAT_POLICIES[policy])(state, *args)
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
