@@ -52,7 +52,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pcpo.mask_ratio = 0.75
     c.pcpo.patch_size = 32
 
-    c.render = ml_collections.ConfigDict({"kind": "market", "size": 64, "seed": 0})
+    c.render = ml_collections.ConfigDict()
+    c.render.kind = "market"  # 'market': the marketplace painter; 'sd': SD-1.5 + ControlNet inpainting (render.sd_path)
+    c.render.size = 64  # the market painter's ad size (SD: the checkpoint's resolution)
+    c.render.seed = 0
+    c.render.sd_path = ""
+    c.render.controlnet_path = ""
+    c.render.steps = 30
+    c.render.guidance_scale = 7.5
 
     c.model = ml_collections.ConfigDict({"remat_policy": "none"})
     c.lora = ml_collections.ConfigDict()
@@ -91,6 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.steps_per_round = 16  # one epoch of 2048 products at batch 128
         c.render.kind = "sd"
         c.render.size = 512
+        c.render.sd_path = "/path/to/stable-diffusion-v1-5"
+        c.render.controlnet_path = "/path/to/control_v11p_sd15_canny"
         c.model.remat_policy = "dots_no_batch"
         c.lora.rank, c.lora.alpha, c.lora.dropout = 128, 256.0, 0.05
         c.generation.max_new_tokens = 77

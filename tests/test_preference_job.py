@@ -88,7 +88,7 @@ def test_round_chooses_what_the_reward_model_prefers(uninterrupted, trained):
 
     mesh = parallel.make_mesh(config.mesh.to_dict())
     judge = preference.Judge(config.reward_workdir, mesh)
-    market = preference.World(config, preference.build_policy(config, mesh)[1].data.market_dir)
+    market = preference.World(config, preference.build_policy(config, mesh)[1].data.market_dir, mesh)
     for rec in records:
         (pair,) = rec["pairs"]  # N = 2: one pair per product
         lg = judge.logits(market, [rec["product"]], [rec["prompts"][pair["left"]]], [rec["prompts"][pair["right"]]])[0]
@@ -125,3 +125,28 @@ def test_sigterm_mid_round_resumes_to_the_same_parameters(uninterrupted, trained
     ours, ref = _params(workdir), _params(reference_dir)
     assert ours.keys() == ref.keys()
     assert ours == ref
+
+
+def test_sd_renderer_world_inpaints_around_the_product(trained, tmp_path):
+    """render.kind='sd': ads from the JAX SD + ControlNet renderer (tiny random weights), scored by the truth."""
+    from caig_jax import parallel
+    from caig_jax.jobs import render as render_job
+
+    data_dir, _, _ = trained
+    sd_path, controlnet_path = render_job.write_tiny_sd(str(tmp_path / "sd"))
+    config = _config(trained)
+    config.render.kind, config.render.sd_path, config.render.controlnet_path = "sd", sd_path, controlnet_path
+    config.render.steps = 2
+    mesh = parallel.make_mesh({"data": 1}, devices=jax_devices()[:1])
+    market = preference.World(config, os.path.join(os.path.dirname(data_dir), "market"), mesh)
+    pid = market.products("train")[0]
+    ad = market.ad(pid, "wooden kitchen counter, warm lighting")
+    assert ad.dtype == np.uint8 and ad.shape[-1] == 3 and ad.shape[0] == ad.shape[1]
+    assert market.ad(pid, "wooden kitchen counter, warm lighting") is ad  # cached: rendered once
+    assert 0 < market.true_ctr(pid, "wooden kitchen counter, warm lighting") < 1
+
+
+def jax_devices():
+    import jax
+
+    return jax.devices()

@@ -33,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
+import caig_jax.render as render
 from caig_jax import parallel
 from caig_jax.data import market as market_lib
 from caig_jax.data import world
@@ -59,16 +60,31 @@ log = logging.getLogger(__name__)
 # Sampling, rendering, judging.
 # ================================================================================================
 class World:
-    """The marketplace the rounds run in: products, their PM input images and cut-outs, and the renderer."""
+    """The marketplace the rounds run in: products, their PM input images and cut-outs, and the renderer.
 
-    def __init__(self, config: ml_collections.ConfigDict, market_dir: str):
-        if config.render.kind != "market":
-            raise UserError(f"config.render.kind={config.render.kind!r}: the preference job renders with the "
-                            "marketplace painter ('market') so far", fix="pass --config.render.kind=market")
+    `render.kind`: 'market' paints backgrounds with the marketplace's painter (`market.compose_ad`); 'sd' inpaints
+    them with the JAX SD-1.5 + ControlNet renderer (`caig_jax.render.from_pretrained(render.sd_path,
+    controlnet_path=render.controlnet_path)`, CAIG's settings: Euler-ancestral, `render.steps`, CFG
+    `render.guidance_scale`, control scale 1.0, product pasted back). True CTRs are the click model's on the ad
+    actually rendered (`market.true_ctr`).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, market_dir: str, mesh):
+        r = config.render
+        if r.kind not in ("market", "sd"):
+            raise UserError(f"config.render.kind={r.kind!r}: expected 'market' or 'sd'")
         self.truth = MarketTruth.load(market_dir)
-        self.size, self.seed = config.render.size, config.render.seed
+        self.kind, self.size, self.seed = r.kind, r.size, r.seed
+        self.renderer = None
+        if r.kind == "sd":
+            if not r.sd_path:
+                raise UserError("config.render.kind='sd' needs config.render.sd_path (a diffusers SD-1.5 folder)",
+                                fix="pass --config.render.sd_path=DIR [--config.render.controlnet_path=DIR]")
+            self.renderer = render.from_pretrained(r.sd_path, controlnet_path=r.controlnet_path or None, mesh=mesh)
+            self.steps, self.guidance = r.steps, r.guidance_scale
         self._images: dict[str, np.ndarray] = {}
         self._cutouts: dict[str, np.ndarray] = {}
+        self._ads: dict[tuple[str, str], np.ndarray] = {}
 
     def products(self, split: str) -> list[str]:
         ids = sorted(p for p, s in self.truth.splits.items() if s == split)
@@ -83,13 +99,24 @@ class World:
                 self._images[pid] = decode_image(f.read())
         return self._images[pid]
 
-    def ad(self, pid: str, prompt: str) -> np.ndarray:
+    def cutout(self, pid: str) -> np.ndarray:
         if pid not in self._cutouts:
             self._cutouts[pid] = self.truth.cutout(pid)
-        return market_lib.compose_ad(self._cutouts[pid], prompt, self.size, seed=self.seed)
+        return self._cutouts[pid]
+
+    def ad(self, pid: str, prompt: str) -> np.ndarray:
+        if self.kind == "market":
+            return market_lib.compose_ad(self.cutout(pid), prompt, self.size, seed=self.seed)
+        key = (pid, prompt)
+        if key not in self._ads:  # one product at a time: one compiled program, cached by (product, prompt)
+            self._ads[key] = self.renderer.inpaint_product([self.cutout(pid)], [prompt], steps=self.steps,
+                                                           guidance_scale=self.guidance, seed=self.seed)[0]
+        return self._ads[key]
 
     def true_ctr(self, pid: str, prompt: str) -> float:
-        return world.prompt_ctr(prompt, self.truth.products[pid], size=self.size, seed=self.seed)
+        if self.kind == "market":  # exact and cheap: from the painted background's look
+            return world.prompt_ctr(prompt, self.truth.products[pid], size=self.size, seed=self.seed)
+        return market_lib.true_ctr(self.ad(pid, prompt), self.truth.products[pid])
 
     def product(self, pid: str) -> market_lib.Product:
         return self.truth.products[pid]
@@ -229,6 +256,7 @@ def evaluate_policy(model, inputs, judge: Judge, market: World, config, baseline
     ctr = {p: float(np.mean([market.true_ctr(p, q) for q in qs])) for p, qs in zip(pids, sampled)}
     ctr_greedy = {p: market.true_ctr(p, q) for p, q in zip(pids, greedy)}
     products = [market.product(p) for p in pids]
+    # Match rates score prompts with the marketplace painter (exact and cheap) whatever the rounds render with.
     sibling = world.match_rate_sibling(products, dict(zip(pids, sampled)), size=market.size, seed=market.seed)
     cross = world.match_rate_cross(products, dict(zip(pids, sampled)), size=market.size, seed=market.seed)
     result: dict[str, Any] = {
@@ -282,7 +310,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     start = time.time()
     mesh = parallel.make_mesh(config.mesh.to_dict())
     policy, sft_config, inputs = build_policy(config, mesh)
-    market = World(config, config.market_dir or sft_config.data.market_dir)
+    market = World(config, config.market_dir or sft_config.data.market_dir, mesh)
     judge = Judge(config.reward_workdir, mesh)
     run_config = ml_collections.ConfigDict(config.to_dict())
     total = config.rounds * config.steps_per_round
