@@ -76,10 +76,14 @@ def _unknown_override_message(argv: list[str], error: Exception) -> str | None:
 
 
 class _DropLibraryInfo(logging.Filter):
-    """Orbax logs every save phase at INFO through absl; keep its warnings, drop the chatter."""
+    """Orbax logs every save phase at INFO through absl, JAX each backend it could not find (TPU on a CPU host);
+    keep their warnings, drop the chatter. TFDS warns about every builder made from a config object, which is
+    how all of ours are made: dropped too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+        if record.levelno < logging.WARNING:
+            return not any(s in record.pathname for s in ("orbax", "xla_bridge"))
+        return not str(record.msg).startswith("Using custom data configuration")
 
 
 def quiet_library_logs() -> None:
@@ -154,9 +158,9 @@ def _run_job() -> None:
         raise app.UsageError(f"config.job={config.job!r} is not a job; known jobs: {sorted(JOBS)}")
     _check_workdir(_WORKDIR.value)
 
+    quiet_library_logs()
     parallel.set_cpu_devices(config.get("cpu_devices", 0))
     parallel.maybe_initialize_distributed()
-    quiet_library_logs()
     job = importlib.import_module(JOBS[config.job])
     job.run(config, _WORKDIR.value)
 

@@ -56,6 +56,22 @@ class MetricWriter:
             self._tb.add_scalar(key, v, int(step))
         self._jsonl.write(json.dumps(record) + "\n")
 
+    def has_row(self, step: int, prefix: str = "") -> bool:
+        """Whether metrics.jsonl already holds a row at `step` with a metric named `prefix...` (process 0; other
+        processes write nothing and get False)."""
+        if not self.enabled:
+            return False
+        self._jsonl.flush()
+        with open(self.jsonl_path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("step") == step and any(k.startswith(prefix) for k in row if k not in ("step", "time")):
+                    return True
+        return False
+
     def flush(self) -> None:
         if self.enabled:
             self._tb.flush()

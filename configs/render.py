@@ -16,8 +16,9 @@ Real weights (`sd15`: CAIG's settings, Euler-ancestral, 30 steps, CFG 7.5, contr
         --config.products=/data/products.json
 `sd_path` is a diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) or a single-file LDM
 `.safetensors` with a tokenizer/ folder beside it. The products JSON is a list of
-`{"id", "image": RGBA cut-out path, "caption", "prompt": str or [str, ...]}`; a missing, unreadable,
-alpha-less or empty-alpha image stops the job before rendering, naming the file.
+`{"id", "image": RGBA cut-out path (relative to the JSON's folder, or absolute), "new_caption" (CAIG's key;
+"caption" works too), "prompt": str or [str, ...]}`; a missing, unreadable, alpha-less or empty-alpha image, or
+a product under 8 px on its short side, stops the job before any model is loaded, naming the file.
 """
 
 import ml_collections

@@ -126,3 +126,60 @@ def tiny_unet(tmp_path_factory) -> Loaded:
     ours = load_unet(folder)
     _CACHE[cache_key] = Loaded(ref, ours, str(folder), jitted(ours))
     return _CACHE[cache_key]
+
+
+def _randomise_zero_convs(controlnet, seed: int) -> None:
+    """ControlNet's zero convolutions start at zero; a random tiny model should exercise the residual path."""
+    gen = torch.Generator().manual_seed(seed)
+    modules = list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]
+    modules.append(controlnet.controlnet_cond_embedding.conv_out)
+    with torch.no_grad():
+        for m in modules:
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.05)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.05)
+
+
+def write_tiny_sd_with_diffusers(folder: str, *, seed: int = 0) -> tuple[str, str]:
+    """The render job's tiny SD + ControlNet shapes (`caig_jax.jobs.render.TINY_*`), made and written by PyTorch
+    diffusers' `save_pretrained` (the parity tests' reference weights; the job itself writes its own with
+    `caig_jax.convert.diffusers.save_pipeline`). Returns (sd_path, controlnet_path)."""
+    import json
+    import os
+
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        PNDMScheduler,
+        StableDiffusionControlNetInpaintPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from caig_jax.diffusion.schedulers import SD15_SCHEDULER_CONFIG
+    from caig_jax.jobs import render as render_job
+
+    torch.manual_seed(seed)
+    tokenizer = render_job.tiny_clip_tokenizer()
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **render_job.TINY_TEXT,
+    )
+    controlnet = ControlNetModel(**render_job.TINY_CONTROLNET).eval()
+    _randomise_zero_convs(controlnet, seed + 1)
+    pipe = StableDiffusionControlNetInpaintPipeline(
+        vae=AutoencoderKL(**render_job.TINY_VAE).eval(),
+        text_encoder=CLIPTextModel(text_config).eval(),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**render_job.TINY_UNET).eval(),
+        controlnet=controlnet,
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    # SD-1.5 ships a hand-written scheduler config without defaults (e.g. no timestep_spacing); keep that.
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SD15_SCHEDULER_CONFIG, f, indent=2)
+    return folder, os.path.join(folder, "controlnet")
+

@@ -86,6 +86,47 @@ def test_rerun_reuses_and_other_options_need_overwrite(logs):
                        side_file=os.path.join(logs["root"], "items.json"), image_size=8, min_ratio=1.02, max_ratio=1.5)
 
 
+def test_changed_inputs_stop_naming_the_file_or_rebuild_with_overwrite(tmp_path):
+    """Input fingerprints: an edited CTR-log row is never reused silently; unchanged (even touched) files are."""
+    root = str(tmp_path / "logs")
+    write_logs(root, items=3, creatives=3)
+    opts = dict(name="t", layout="creative_ranking", source=root, image_size=SIZE, min_ratio=1.0001, max_ratio=100.0)
+    data_dir = str(tmp_path / "tfds")
+    path, report = ctr_logs.build(data_dir, **opts)
+    info = os.path.join(path, "dataset_info.json")
+    mtime = os.path.getmtime(info)
+    train_list = os.path.join(root, "list", "train_data_list.txt")
+    os.utime(train_list)  # touched, same content: reused
+    assert ctr_logs.build(data_dir, **opts) == (path, report) and os.path.getmtime(info) == mtime
+
+    lines = open(train_list).read().splitlines()
+    item, name, date, imp, clk = lines[0].split("\t")
+    lines[0] = "\t".join([item, name, date, imp, str(int(clk) + 1)])  # same size when clicks keep their digits
+    with open(train_list, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"^{path} was built from input files that have changed since: "
+                       rf"{train_list} \((content changed|size)") as e:
+        ctr_logs.build(data_dir, **opts)
+    assert "overwrite=True" in e.value.fix and os.path.getmtime(info) == mtime
+    with pytest.raises(DataError) as e:
+        ctr_logs.build(data_dir, overwrite_hint="--config.build.overwrite=True", **opts)
+    assert e.value.fix.startswith("rebuild it from the current files with --config.build.overwrite=True")
+
+    _, rebuilt = ctr_logs.build(data_dir, overwrite=True, **opts)  # rebuilt from the edited file
+    assert rebuilt["splits"]["train"] != report["splits"]["train"] or os.path.getmtime(info) != mtime
+    assert ctr_logs.build(data_dir, **opts)[1] == rebuilt  # and now reused
+
+    os.remove(os.path.join(root, "images", "it001_2.png"))  # an input image deleted
+    with pytest.raises(DataError, match=r"it001_2\.png \(deleted\)"):
+        ctr_logs.build(data_dir, **opts)
+    open(os.path.join(root, "list", "val_data_list.txt"), "w").close()  # and a rebuild reads the file anew
+    lines[0] = "\t".join([item, name, date, imp, "not a number"])
+    with open(train_list, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{train_list}:1: .*whole numbers"):
+        ctr_logs.build(data_dir, overwrite=True, **opts)
+
+
 def test_interrupted_build_reruns_to_the_same_dataset(tmp_path, monkeypatch):
     root = str(tmp_path / "logs")
     write_logs(root, items=9, creatives=5, seed=3)

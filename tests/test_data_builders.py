@@ -71,8 +71,8 @@ def test_llava_conversations_bad_entries(conv_dir, mutate, reason, match):
 
 
 def _cutout(k):
-    rgba = np.zeros((10, 12, 4), np.uint8)
-    rgba[2:8, 3:9] = (k, 50, 60, 255)
+    rgba = np.zeros((14, 16, 4), np.uint8)
+    rgba[2:12, 3:13] = (k, 50, 60, 255)  # a 10x10 product: over data.product.MIN_CUTOUT_SIZE
     return rgba
 
 

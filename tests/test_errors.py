@@ -53,7 +53,7 @@ def test_error_family_keeps_the_builtin_bases():
     from caig_jax.checkpoint import CheckpointError
     from caig_jax.convert.common import CheckpointMismatchError
     from caig_jax.data.ctr_logs import DataError
-    from caig_jax.render.product import MissingProductImageError, ProductImageError
+    from caig_jax.data.product import MissingProductImageError, ProductImageError
 
     for cls in (DataError, CheckpointMismatchError, ProductImageError, CheckpointError):
         assert issubclass(cls, UserError) and issubclass(cls, ValueError), cls

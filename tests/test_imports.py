@@ -147,3 +147,54 @@ def test_main_jobs_point_only_into_jobs_package():
     from caig_jax import main
 
     assert all(module == f"caig_jax.jobs.{name}" for name, module in main.JOBS.items()), main.JOBS
+
+
+REFERENCE_ONLY = ("torch", "diffusers")  # test extras (requirements-test.txt): parity references, never runtime
+
+
+def test_no_module_imports_torch_or_diffusers():
+    """Every caig_jax module (function-local imports included) runs on requirements.txt alone: no statement
+    imports a reference-only package."""
+    offenders = []
+    for name, path in _modules().items():
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{name}:{node.lineno} imports {n}" for n in names if n.split(".")[0] in REFERENCE_ONLY]
+    assert not offenders, offenders
+
+
+def test_every_module_imports_with_torch_and_diffusers_unimportable():
+    """Imports every caig_jax module in a fresh interpreter where torch and diffusers cannot be found (as in a
+    requirements.txt-only environment: `import torch` fails and `importlib.util.find_spec` returns None); CI also
+    runs every README job in such an environment (.ci/run)."""
+    modules = sorted(m for m in _modules() if m != "caig_jax")
+    code = f"""
+import importlib, sys
+
+class Hidden:  # wraps each import finder: the reference-only packages are not found, as if not installed
+    def __init__(self, inner):
+        self.inner = inner
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {REFERENCE_ONLY!r}:
+            return None
+        return self.inner.find_spec(name, path, target)
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+sys.meta_path[:] = [Hidden(finder) for finder in sys.meta_path]
+try:
+    import torch
+    raise SystemExit("torch is still importable")
+except ModuleNotFoundError:
+    pass
+for name in {modules!r}:
+    importlib.import_module(name)
+loaded = [n for n in sys.modules if n.split(".")[0] in {REFERENCE_ONLY!r}]
+assert not loaded, loaded
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(ROOT),
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]

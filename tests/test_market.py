@@ -423,4 +423,27 @@ def test_tiny_preset_command_line(tmp_path):
     assert 0.6 <= report["market"]["oracle"]["oracle_accuracy"] <= 0.9
     ctr = report["market"]["true_ctr_percentiles"]
     assert 0.005 <= ctr["p5"] and ctr["p95"] <= 0.1 and 0.01 <= ctr["p50"] <= 0.05
+
+    # Changed inputs: an edited CTR-log row stops the re-run (naming the file and the option), and
+    # --config.build.overwrite=True rebuilds from the edited file; unchanged files are reused.
+    dataset_info = os.path.join(workdir, "tfds", "ctr_logs", "market", "1.0.0", "dataset_info.json")
+    built = os.path.getmtime(dataset_info)
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and os.path.getmtime(dataset_info) == built, out.stderr[-3000:]
+    logs = os.path.join(workdir, "market", "logs", "list", "train_data_list.txt")
+    lines = open(logs).read().splitlines()
+    lines[3] = lines[3].rsplit("\t", 1)[0] + "\t0"  # the clicks of one daily row
+    with open(logs, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.splitlines() == [
+        f"error: {os.path.dirname(dataset_info)} was built from input files that have changed since: {logs} "
+        f"({out.stderr.split(logs + ' (', 1)[1].split(')', 1)[0]})",
+        "  fix: rebuild it from the current files with --config.build.overwrite=True, or restore the files",
+    ]
+    assert os.path.getmtime(dataset_info) == built
+    out = subprocess.run(cmd + ["--config.build.overwrite=True"], cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and os.path.getmtime(dataset_info) != built, out.stderr[-3000:]
     shutil.rmtree(workdir)

@@ -1,6 +1,7 @@
 """ControlNet-inpaint pipeline parity with diffusers' StableDiffusionControlNetInpaintPipeline (tiny random SD).
 
-One tiny random SD + ControlNet is written with diffusers' `save_pretrained` (caig_jax.render.job.write_tiny_sd),
+One tiny random SD + ControlNet is written with diffusers' `save_pretrained` (`write_tiny_sd_with_diffusers`, the
+render job's tiny shapes),
 loaded by diffusers and by `caig_jax.render.from_pretrained`, and both pipelines run with DDIM (deterministic),
 the same initial latents and the same VAE-posterior noise: the uint8 images must agree to < 1 grey level on
 average. The renderer runs on a 4x2x1 mesh (batch over data x fsdp = 8, parameters sharded over fsdp) with a batch
@@ -15,7 +16,8 @@ from PIL import Image
 import caig_jax.render as render
 from caig_jax import parallel
 from caig_jax.data import product as product_lib
-from caig_jax.jobs import render as render_job
+
+from ._render_fixtures import write_tiny_sd_with_diffusers
 
 PROMPTS = ["a red mug on a wooden table", "blue sky, soft light", "marble kitchen counter"]
 NEGATIVE = ["blurry", "", "low quality, text"]
@@ -46,7 +48,7 @@ def toy_products(batch: int, size: int = 48, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tiny_sd"))
-    sd_path, controlnet_path = render_job.write_tiny_sd(folder, seed=0)
+    sd_path, controlnet_path = write_tiny_sd_with_diffusers(folder, seed=0)
     return sd_path, controlnet_path
 
 
@@ -200,3 +202,30 @@ def test_from_pretrained_errors_name_the_path(tmp_path):
     (tmp_path / "sd" / "unet").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"has no vae/ folder"):
         render.from_pretrained(str(tmp_path / "sd"))
+
+
+def test_render_job_tiny_weights_load_in_diffusers(tmp_path):
+    """The render job's tiny weights (our modules, written by `convert.diffusers.save_pipeline`, no PyTorch) form a
+    diffusers pipeline folder: diffusers and transformers load every model with no missing, unexpected or
+    mismatched key, holding exactly the file's tensors. (Our loaders read them back unchanged:
+    tests/test_render_job.py; and they compute what diffusers computes from the same keys: the parity tests.)"""
+    from diffusers import StableDiffusionControlNetInpaintPipeline
+    from safetensors.numpy import load_file
+
+    from caig_jax.jobs import render as render_job
+
+    sd_path, controlnet_path = render_job.write_tiny_sd(str(tmp_path / "sd"), seed=0)
+    pipe = StableDiffusionControlNetInpaintPipeline.from_pretrained(sd_path)
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler" and pipe.tokenizer("a mug").input_ids[0] == 0
+    for name in ("unet", "vae", "controlnet", "text_encoder"):
+        model = getattr(pipe, name)
+        cls = type(model)
+        _, info = cls.from_pretrained(f"{sd_path}/{name}", output_loading_info=True)
+        assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (name, info)
+        file = "model.safetensors" if name == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        tensors = load_file(f"{sd_path}/{name}/{file}")
+        state = {k: v.numpy() for k, v in model.state_dict().items()}
+        assert set(tensors) <= set(state), (name, sorted(set(tensors) - set(state))[:5])
+        for key, value in tensors.items():
+            np.testing.assert_array_equal(state[key], value, err_msg=f"{name}: {key}")
+    assert controlnet_path == f"{sd_path}/controlnet"

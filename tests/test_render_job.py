@@ -59,8 +59,9 @@ def good_rgba(size=40):
         (np.full((20, 20, 3), 128, np.uint8), "no alpha channel"),
         (np.zeros((20, 20, 4), np.uint8), "empty alpha"),
         (b"this is not a png", "cannot be read as an image"),
+        (np.pad(np.full((1, 1, 4), 255, np.uint8), ((9, 10), (9, 10), (0, 0))), "is 1x1 px; at least 8 px"),
     ],
-    ids=["missing", "no_alpha", "empty_alpha", "unreadable"],
+    ids=["missing", "no_alpha", "empty_alpha", "unreadable", "one_pixel"],
 )
 def test_bad_product_image_names_the_file(tmp_path, bad, message):
     products = write_products(tmp_path, {"good": good_rgba(), "bad_one": bad})
@@ -69,6 +70,62 @@ def test_bad_product_image_names_the_file(tmp_path, bad, message):
         render_job.run(config, str(tmp_path / "work"))
     assert os.path.join(str(tmp_path), "bad_one.png") in str(info.value)
     assert not os.path.exists(tmp_path / "work" / "tiny_sd"), "inputs must be checked before loading a model"
+
+
+def test_tiny_cutout_through_main_is_one_line(tmp_path):
+    """A 1x1 product cut-out stops the job before any model exists (it is never rendered as a flat block)."""
+    from .test_errors import _main
+
+    tiny = np.zeros((20, 20, 4), np.uint8)
+    tiny[5, 7] = (255, 0, 0, 255)
+    products = write_products(tmp_path, {"good": good_rgba(), "dot": tiny})
+    workdir = tmp_path / "work"
+    code, err = _main("--config=configs/render.py:tiny", f"--workdir={workdir}", f"--config.products={products}")
+    assert code == 2, err
+    assert err.splitlines()[0] == (
+        f"error: product image {os.path.join(str(tmp_path), 'dot.png')!r}: the product (its alpha's bounding box) is "
+        "1x1 px; at least 8 px on the short side is needed (placement scales it to 0.78 of the canvas)")
+    assert len(err.splitlines()) == 2 and not os.path.exists(workdir / "tiny_sd")
+
+
+def test_products_list_reads_new_caption_and_relative_images(tmp_path):
+    (tmp_path / "cutouts").mkdir()
+    Image.fromarray(good_rgba()).save(tmp_path / "cutouts" / "a.png")
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps([{"id": "a", "image": "cutouts/a.png", "new_caption": "CAIG caption", "prompt": "x"}]))
+    (product,) = product_lib.read_products(str(path))
+    assert product["caption"] == "CAIG caption" and product["image_path"] == str(tmp_path / "cutouts" / "a.png")
+
+
+def test_tiny_weights_round_trip_through_the_export_path(tmp_path):
+    """`write_tiny_sd` (our modules, `host_init`, `convert.diffusers.save_pipeline`) is read back unchanged by our
+    loaders: the export path is the loaders' inverse. (tests/test_pipeline.py loads the same folder in diffusers.)"""
+    from flax import nnx
+
+    from caig_jax.convert.clip import load_clip_text_model
+    from caig_jax.convert.diffusers import load_controlnet, load_unet, load_vae
+    from caig_jax.models.controlnet import ControlNetConfig, ControlNetModel
+    from caig_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+
+    folder = str(tmp_path / "sd")
+    render_job.write_tiny_sd(folder, seed=3)
+
+    def flat(module):
+        return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+    unet = render_job.host_init(
+        lambda: UNet2DConditionModel(UNet2DConditionConfig.from_dict(render_job.TINY_UNET), rngs=nnx.Rngs(0)), 3)
+    controlnet = render_job.host_init(
+        lambda: ControlNetModel(ControlNetConfig.from_dict(render_job.TINY_CONTROLNET), rngs=nnx.Rngs(0)), 6)
+    for original, loaded in ((unet, load_unet(f"{folder}/unet")), (controlnet, load_controlnet(f"{folder}/controlnet"))):
+        want, got = flat(original), flat(loaded)
+        assert want.keys() == got.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert load_vae(f"{folder}/vae").config.block_out_channels == (16, 32, 32)
+    text = load_clip_text_model(f"{folder}/text_encoder")
+    assert text.config.vocab_size == len(render_job.tiny_clip_tokenizer()) and text.config.hidden_size == 32
+    assert json.load(open(f"{folder}/model_index.json"))["controlnet"] == ["diffusers", "ControlNetModel"]
 
 
 def test_malformed_products_file(tmp_path):

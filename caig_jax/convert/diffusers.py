@@ -10,6 +10,11 @@ Tensors are streamed one at a time onto the mesh by `caig_jax.convert.common.loa
 read, every missing parameter, unexpected checkpoint key and shape mismatch is collected and raised together as
 one `CheckpointMismatchError`.
 
+The other direction is the renderer's export path (`save_diffusers_model`, `save_clip_text_encoder`,
+`save_pipeline`): our modules written in the diffusers folder layout as safetensors (diffusers keys, PyTorch
+tensor layout, `config.json` from the module's config), readable by diffusers / transformers and by the loaders
+here. The render job's tiny preset writes its random weights this way (no PyTorch needed).
+
 Public API:
   load_unet(folder, *, dtype=jnp.float32, mesh=None, param_dtype=None) -> UNet2DConditionModel
   load_vae(folder, *, dtype=jnp.float32, mesh=None, param_dtype=None) -> AutoencoderKL
@@ -17,10 +22,14 @@ Public API:
   load_ldm_single_file(path, *, dtype=jnp.float32, mesh=None, param_dtype=None, unet_config=None,
                        vae_config=None, text_encoder_config=None, load_text_encoder=True)
       -> {"unet": ..., "vae": ..., "text_encoder": ... or None, "configs": {...}}
+  save_diffusers_model(module, folder) -> folder          (UNet2DConditionModel / AutoencoderKL / ControlNetModel)
+  save_clip_text_encoder(module, folder) -> folder        (transformers CLIPTextModel layout)
+  save_pipeline(folder, *, unet, vae, text_encoder, tokenizer, scheduler_config, controlnet=None) -> folder
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,9 +37,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import save_file
 
 from caig_jax import parallel
 from caig_jax.convert.clip import is_ignored_key, torch_key
@@ -42,6 +53,7 @@ from caig_jax.convert.common import (
     torch_layout_shape,
 )
 from caig_jax.errors import MissingPathError
+from caig_jax.files import write_json_atomic
 from caig_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from caig_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from caig_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
@@ -497,3 +509,99 @@ def load_ldm_single_file(
         "text_encoder": text_encoder,
         "configs": {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_cfg},
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export: our modules -> the diffusers folder layout (the inverse of the loaders above)
+# ---------------------------------------------------------------------------------------------------------------
+
+# The diffusers release whose folder layout (keys, config fields, model_index.json) this writes.
+DIFFUSERS_LAYOUT_VERSION = "0.42.1"
+_CLASS_NAMES = {UNet2DConditionModel: "UNet2DConditionModel", AutoencoderKL: "AutoencoderKL",
+                ControlNetModel: "ControlNetModel"}
+
+
+def to_torch_layout(array: np.ndarray, leaf: str) -> np.ndarray:
+    """Our layout -> PyTorch's (the inverse of `to_flax_layout` for diffusers-named modules): Linear `[in, out]` ->
+    `[out, in]`, Conv `[kh, kw, in, out]` -> `[out, in, kh, kw]`; everything else as is."""
+    if leaf != "kernel":
+        return array
+    if array.ndim == 2:
+        return array.T
+    if array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    return array
+
+
+def module_tensors(module: nnx.Module, key_of_path: Callable[[str], str]) -> dict[str, np.ndarray]:
+    """`{checkpoint key: tensor in PyTorch layout}` for every parameter of `module` (gathered to the host;
+    bfloat16 / float16 parameters are written as float32)."""
+    tensors = {}
+    for path, var in flat_paths(nnx.state(module, nnx.Param)).items():
+        array = np.asarray(jax.device_get(var.get_value()))
+        if array.dtype.name in ("bfloat16", "float16"):
+            array = array.astype(np.float32)
+        tensors[key_of_path(path)] = np.ascontiguousarray(to_torch_layout(array, path.rsplit("/", 1)[-1]))
+    return tensors
+
+
+def _config_json(config: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def save_diffusers_model(module: nnx.Module, folder: str) -> str:
+    """Writes a UNet, VAE or ControlNet as a diffusers model folder: `config.json` (the module's config, with
+    diffusers' `_class_name`) and `diffusion_pytorch_model.safetensors` (diffusers keys, PyTorch layout). The
+    inverse of `load_unet` / `load_vae` / `load_controlnet`; diffusers' `from_pretrained` reads it too."""
+    class_name = next((name for cls, name in _CLASS_NAMES.items() if isinstance(module, cls)), None)
+    if class_name is None:
+        raise TypeError(f"save_diffusers_model writes {sorted(_CLASS_NAMES.values())}, got {type(module).__name__}")
+    os.makedirs(folder, exist_ok=True)
+    save_file(module_tensors(module, diffusers_key), os.path.join(folder, "diffusion_pytorch_model.safetensors"),
+              metadata={"format": "pt"})
+    config = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_LAYOUT_VERSION, **_config_json(module.config)}
+    write_json_atomic(os.path.join(folder, "config.json"), config)
+    return folder
+
+
+def save_clip_text_encoder(module: CLIPTextModel, folder: str) -> str:
+    """Writes our CLIPTextModel as transformers 5.x `CLIPTextModel.save_pretrained` does (`config.json` +
+    `model.safetensors`, keys without the `text_model.` level): SD's `text_encoder/` folder. The inverse of
+    `caig_jax.convert.clip.load_clip_text_model`."""
+    os.makedirs(folder, exist_ok=True)
+    save_file(module_tensors(module, torch_key), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **_config_json(module.config)}
+    write_json_atomic(os.path.join(folder, "config.json"), config)
+    return folder
+
+
+def save_pipeline(folder: str, *, unet, vae, text_encoder, tokenizer, scheduler_config: dict[str, Any],
+                  controlnet=None) -> str:
+    """Writes a Stable Diffusion (+ ControlNet inpainting) pipeline folder in diffusers' layout:
+    `unet/ vae/ text_encoder/ tokenizer/ scheduler/ [controlnet/]` and `model_index.json` (written last: a folder
+    without it is incomplete). `tokenizer` is a transformers CLIP tokenizer (saved with its `save_pretrained`);
+    `scheduler_config` the `scheduler_config.json` dict (its `_class_name` names the diffusers scheduler)."""
+    os.makedirs(folder, exist_ok=True)
+    save_diffusers_model(unet, os.path.join(folder, "unet"))
+    save_diffusers_model(vae, os.path.join(folder, "vae"))
+    save_clip_text_encoder(text_encoder, os.path.join(folder, "text_encoder"))
+    tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    write_json_atomic(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler_config)
+    index = {
+        "_class_name": "StableDiffusionControlNetInpaintPipeline" if controlnet is not None else "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_LAYOUT_VERSION,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_config.get("_class_name", "PNDMScheduler")],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if controlnet is not None:
+        save_diffusers_model(controlnet, os.path.join(folder, "controlnet"))
+        index["controlnet"] = ["diffusers", "ControlNetModel"]
+    write_json_atomic(os.path.join(folder, "model_index.json"), index)
+    return folder

@@ -33,18 +33,25 @@ def _market_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return options
 
 
-def build_world(config: ml_collections.ConfigDict, workdir: str, *, verbose: bool = True) -> dict[str, Any]:
-    """Simulates the market and builds the datasets under `workdir`; returns the report dict."""
+def build_world(config: ml_collections.ConfigDict, workdir: str, *, verbose: bool = True,
+                overwrite_hint: str = "--config.build.overwrite=True") -> dict[str, Any]:
+    """Simulates the market and builds the datasets under `workdir`; returns the report dict.
+
+    Re-running reuses what exists when its config and input files are unchanged. A dataset whose input files
+    (the market's logs, images, product and conversation files) changed since it was built stops with a
+    `DataError` naming the first changed file, unless `config.build.overwrite` (then it is rebuilt from the
+    current files); `overwrite_hint` says how the user sets that (the reward job nests this config).
+    """
     # TFDS logs every shard it writes at INFO; the job prints its own summary instead.
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.WARNING)
     try:
-        return _build_world(config, workdir, verbose)
+        return _build_world(config, workdir, verbose, overwrite_hint)
     finally:
         absl_logging.set_verbosity(verbosity)
 
 
-def _build_world(config, workdir, verbose) -> dict[str, Any]:
+def _build_world(config, workdir, verbose, overwrite_hint) -> dict[str, Any]:
     t0 = time.time()
     market_dir = os.path.join(workdir, "market")
     data_dir = os.path.join(workdir, "tfds")
@@ -54,7 +61,8 @@ def _build_world(config, workdir, verbose) -> dict[str, Any]:
     built: dict[str, Any] = {}
     if "ctr_logs" in config.build.datasets:
         path, report = ctr_logs.build(
-            data_dir, name=CONFIG_NAME, overwrite=config.build.overwrite, layout="creative_ranking",
+            data_dir, name=CONFIG_NAME, overwrite=config.build.overwrite, overwrite_hint=overwrite_hint,
+            layout="creative_ranking",
             source=os.path.join(market_dir, "logs"), side_file=os.path.join(market_dir, "products", "products.json"),
             truth_file=os.path.join(market_dir, "logs", "truth.tsv"), min_impressions=config.pairs.min_impressions,
             min_ratio=config.pairs.min_ratio, max_ratio=config.pairs.max_ratio, seed=config.pairs.seed,
@@ -62,7 +70,8 @@ def _build_world(config, workdir, verbose) -> dict[str, Any]:
         built["ctr_logs"] = {"path": path, "report": report}
         if config.train_pairs.enabled:
             path, report = ctr_logs.build(
-                data_dir, name=WIDE_CONFIG_NAME, overwrite=config.build.overwrite, layout="creative_ranking",
+                data_dir, name=WIDE_CONFIG_NAME, overwrite=config.build.overwrite, overwrite_hint=overwrite_hint,
+            layout="creative_ranking",
                 source=os.path.join(market_dir, "logs"),
                 side_file=os.path.join(market_dir, "products", "products.json"),
                 truth_file=os.path.join(market_dir, "logs", "truth.tsv"), min_impressions=config.pairs.min_impressions,
@@ -73,11 +82,13 @@ def _build_world(config, workdir, verbose) -> dict[str, Any]:
     if "llava_conversations" in config.build.datasets:
         files = {s: [os.path.join(market_dir, f) for f in fs] for s, fs in market["conversation_files"].items()}
         path, report = llava_conversations.build(data_dir, files=files, image_root=market_dir, name=CONFIG_NAME,
-                                                 on_bad=config.build.on_bad, overwrite=config.build.overwrite)
+                                                 on_bad=config.build.on_bad, overwrite=config.build.overwrite,
+                                                 overwrite_hint=overwrite_hint)
         built["llava_conversations"] = {"path": path, "report": report}
     if "products" in config.build.datasets:
         path, report = products.build(data_dir, source=os.path.join(market_dir, "products", "products.json"),
-                                      name=CONFIG_NAME, on_bad=config.build.on_bad, overwrite=config.build.overwrite)
+                                      name=CONFIG_NAME, on_bad=config.build.on_bad, overwrite=config.build.overwrite,
+                                      overwrite_hint=overwrite_hint)
         built["products"] = {"path": path, "report": report}
     report = {
         "workdir": os.path.abspath(workdir),

@@ -4,7 +4,7 @@ The renderer never paints the product: it paints the *background* around an unto
 This module holds the steps on either side of the diffusion loop, shared by the SD renderer
 (`caig_jax.render`) and the synthetic marketplace (`caig_jax.data.market`) so both place products alike:
 
-    rgba = load_product_image(path)                # uint8[H, W, 4], checked: readable, has a non-empty alpha
+    rgba = load_product_image(path)                # uint8[H, W, 4], checked: readable, alpha box >= 8 px
     placed = place_product(rgba, size=512)         # crop to the alpha box, fit 0.78 of the canvas, centre
     mask = inpaint_mask(placed[..., 3])            # 1 = paint: the inverted alpha, dilated with a 20x20 kernel
     control = control_image(placed)                # Canny(100, 200) edges of the product alone, 3 channels
@@ -28,11 +28,17 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from caig_jax.errors import UserError
+from caig_jax.errors import MissingPathError, UserError
+
+# The smallest product a cut-out may hold: the short side of its alpha bounding box, in pixels. Placement scales
+# the product to 0.78 of the canvas (400 px of 512), so a smaller box would be blown up 50x or more into a
+# featureless block (a 1x1 cut-out becomes a flat square) instead of a product.
+MIN_CUTOUT_SIZE = 8
 
 
 class ProductImageError(UserError, ValueError):
-    """A product cut-out cannot be used (unreadable, no alpha channel, empty alpha). Names the file."""
+    """A product cut-out cannot be used (unreadable, no alpha channel, empty alpha, a product smaller than
+    `MIN_CUTOUT_SIZE`). Names the file."""
 
 
 class MissingProductImageError(ProductImageError, FileNotFoundError):
@@ -44,8 +50,8 @@ def load_product_image(path: str | os.PathLike) -> np.ndarray:
 
     Raises `MissingProductImageError` (a FileNotFoundError) for a missing file and `ProductImageError`
     (a ValueError) for an unreadable image, an image without an alpha channel (RGB, greyscale, or a
-    palette image without transparency) or an alpha channel that is zero everywhere. Every message names
-    the file.
+    palette image without transparency), an alpha channel that is zero everywhere, or a product (the
+    alpha's bounding box) whose short side is under `MIN_CUTOUT_SIZE` = 8 pixels. Every message names the file.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -68,7 +74,21 @@ def load_product_image(path: str | os.PathLike) -> np.ndarray:
         raise ProductImageError(f"product image {path!r} cannot be read as an image: {e}") from e
     if not np.any(rgba[..., 3]):
         raise ProductImageError(f"product image {path!r} has an empty alpha channel (fully transparent)")
+    check_cutout_size(rgba, f"product image {path!r}")
     return rgba
+
+
+def check_cutout_size(rgba: np.ndarray, what: str = "product cut-out") -> None:
+    """Raises `ProductImageError` when the product (the non-zero alpha's bounding box) is smaller than
+    `MIN_CUTOUT_SIZE` pixels on its short side; `what` names the image in the message."""
+    top, bottom, left, right = alpha_box(np.asarray(rgba)[..., 3])
+    h, w = bottom - top, right - left
+    if min(h, w) < MIN_CUTOUT_SIZE:
+        raise ProductImageError(
+            f"{what}: the product (its alpha's bounding box) is {w}x{h} px; at least {MIN_CUTOUT_SIZE} px on the "
+            f"short side is needed (placement scales it to 0.78 of the canvas)",
+            fix="use a larger cut-out of the product (RGBA, alpha marking the product)",
+        )
 
 
 def _check_rgba(rgba: np.ndarray, name: str = "rgba") -> np.ndarray:
@@ -173,7 +193,7 @@ def paste_product(image_rgb: np.ndarray, placed_rgba: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 # Product lists (CAIG's JSON layout).
 # ---------------------------------------------------------------------------------------------------------------
-class ProductsFileError(ValueError):
+class ProductsFileError(UserError, ValueError):
     """The products JSON is malformed (names the file and the entry)."""
 
 
@@ -182,10 +202,10 @@ def read_products(path: str) -> list[dict[str, Any]]:
 
     Returns a list of {"id": str, "image_path": str, "caption": str, "prompts": [str, ...], "rgba": uint8[H,W,4]}.
     Image paths are relative to the JSON file's folder unless absolute. The caption is CAIG's `new_caption` key,
-    else `caption`, else `title` (CAIG's product lists use `new_caption`).
+    else `caption`, else `title` (`product_caption`; CAIG's product lists use `new_caption`).
     """
     if not os.path.exists(path):
-        raise FileNotFoundError(f"products file {path!r} does not exist")
+        raise MissingPathError(f"products file {path!r} does not exist")
     try:
         with open(path) as f:
             entries = json.load(f)
@@ -193,7 +213,6 @@ def read_products(path: str) -> list[dict[str, Any]]:
         raise ProductsFileError(f"products file {path!r} is not valid JSON: {e}") from e
     if not isinstance(entries, list) or not entries:
         raise ProductsFileError(f"products file {path!r} must hold a non-empty JSON list of products")
-    base = os.path.dirname(os.path.abspath(path))
     products, seen = [], set()
     for i, entry in enumerate(entries):
         where = f"{path!r} entry {i}"
@@ -213,17 +232,29 @@ def read_products(path: str) -> list[dict[str, Any]]:
         image_path = entry["image"]
         if not isinstance(image_path, str) or not image_path:
             raise ProductsFileError(f"{where} (id {pid!r}): 'image' must be a path string")
-        image_path = image_path if os.path.isabs(image_path) else os.path.join(base, image_path)
+        image_path = resolve_image_path(path, image_path)
         rgba = load_product_image(image_path)  # names the file on any problem
         products.append(
-            {"id": pid, "image_path": image_path, "caption": _caption(entry), "prompts": prompts,
+            {"id": pid, "image_path": image_path, "caption": product_caption(entry), "prompts": prompts,
              "rgba": rgba}
         )
     return products
 
 
-def _caption(entry: dict[str, Any]) -> str:
-    for key in ("new_caption", "caption", "title"):
-        if entry.get(key):
-            return str(entry[key])
+CAPTION_KEYS = ("new_caption", "caption", "title")  # CAIG's products lists use `new_caption`
+
+
+def product_caption(entry: dict[str, Any]) -> str:
+    """The caption of a products-list entry: CAIG's `new_caption`, else `caption`, else `title` ("" if none)."""
+    for key in CAPTION_KEYS:
+        if isinstance(entry.get(key), str) and entry[key].strip():
+            return entry[key]
     return ""
+
+
+def resolve_image_path(json_path: str, image: str, image_root: str = "") -> str:
+    """A products-list image path: absolute as is, else relative to `image_root` when given, else to the folder
+    of the JSON file that names it."""
+    if os.path.isabs(image):
+        return image
+    return os.path.join(image_root or os.path.dirname(os.path.abspath(json_path)), image)

@@ -41,7 +41,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from caig_jax import parallel
+from caig_jax.config_checks import Checks, ConfigError, common_checks
 from caig_jax.data.reward_inputs import pair_batches as reward_pair_batches
+from caig_jax.errors import MissingPathError
 from caig_jax.eval import reward_accuracy
 from caig_jax.eval.pairwise import evaluate
 from caig_jax.eval.report import write_report
@@ -112,22 +114,22 @@ def parse_eval_sets(spec: str | Sequence[Any]) -> list[EvalSet]:
             d = dict(item.to_dict() if hasattr(item, "to_dict") else item)
             missing = {"name", "data_dir"} - set(d)
             if missing:
-                raise ValueError(f"config.eval_sets entry {d} lacks {sorted(missing)} (needs name, data_dir[, split])")
+                raise ConfigError(f"config.eval_sets entry {d} lacks {sorted(missing)} (needs name, data_dir[, split])")
             out.append(EvalSet(str(d["name"]), str(d["data_dir"]), str(d.get("split", "test"))))
             continue
         name, sep, rest = str(item).partition("=")
         if not sep or not name or not rest:
-            raise ValueError(f"config.eval_sets entry {item!r} is not NAME=DATA_DIR[:SPLIT] (e.g. test=self:test)")
+            raise ConfigError(f"config.eval_sets entry {item!r} is not NAME=DATA_DIR[:SPLIT] (e.g. test=self:test)")
         data_dir, split = rest, "test"
         head, colon, tail = rest.rpartition(":")
         if colon and head and tail and "/" not in tail:
             data_dir, split = head, tail
         out.append(EvalSet(name.strip(), data_dir.strip(), split.strip()))
     if not out:
-        raise ValueError("config.eval_sets is empty: give at least one NAME=DATA_DIR:SPLIT")
+        raise ConfigError("config.eval_sets is empty: give at least one NAME=DATA_DIR:SPLIT")
     names = [e.name for e in out]
     if len(set(names)) != len(names):
-        raise ValueError(f"config.eval_sets names must be unique, got {names}")
+        raise ConfigError(f"config.eval_sets names must be unique, got {names}")
     return out
 
 
@@ -154,7 +156,7 @@ def expand_checkpoints(spec: str | Sequence[str]) -> list[tuple[str, bool]]:
             entries = [(p, False) for p in matches]
         else:
             if not os.path.isdir(pattern):
-                raise FileNotFoundError(f"config.checkpoints entry {pattern!r} is not a directory")
+                raise MissingPathError(f"config.checkpoints entry {pattern!r} is not a directory")
             entries = [(pattern, True)]
         for path, explicit in entries:
             key = os.path.abspath(path)
@@ -162,8 +164,8 @@ def expand_checkpoints(spec: str | Sequence[str]) -> list[tuple[str, bool]]:
                 seen.add(key)
                 out.append((path.rstrip("/") or path, explicit))
     if not out:
-        raise FileNotFoundError(f"config.checkpoints={spec!r} names no directory: give training workdirs or globs, "
-                                "e.g. runs/reward_*")
+        raise MissingPathError(f"config.checkpoints={spec!r} names no directory: give training workdirs or globs, "
+                               "e.g. runs/reward_*")
     return out
 
 
@@ -179,7 +181,7 @@ def select_steps(available: Sequence[int], spec: str | int) -> list[int]:
     wanted = [int(s) for s in spec.split(",") if s.strip()]
     missing = [s for s in wanted if s not in available]
     if missing:
-        raise ValueError(f"config.steps asks for {missing}, available checkpoints: {list(available)}")
+        raise ConfigError(f"config.steps asks for {missing}, available checkpoints: {list(available)}")
     return wanted
 
 
@@ -189,7 +191,7 @@ def plan_rows(checkpoints: str | Sequence[str], steps: str, eval_sets: Sequence[
         chosen = select_steps(checkpoint_steps(path), steps)
         if not chosen:
             if explicit:
-                raise FileNotFoundError(f"{path}/checkpoints holds no complete checkpoint")
+                raise MissingPathError(f"{path}/checkpoints holds no complete checkpoint")
             log.warning("skipping %s: no complete checkpoint in %s/checkpoints", path, path)
             continue
         rows += [RowSpec(path, step, e) for step in chosen for e in eval_sets]
@@ -289,15 +291,39 @@ def _resolve_data_dir(eval_set: EvalSet, checkpoint: str, config: ml_collections
         # A reward run without `data.dir` built the marketplace into its workdir (jobs.reward.ensure_data).
         path = own or os.path.join(checkpoint, "market", "tfds")
     if "://" not in path and not os.path.isdir(path):
-        raise FileNotFoundError(f"eval set {eval_set.name!r}: data dir {path!r} does not exist")
+        raise MissingPathError(f"eval set {eval_set.name!r}: data dir {path!r} does not exist")
     return path
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Types and ranges of every key the job reads (`caig_jax.config_checks`), and the form of `steps` and
+    `eval_sets`; raises `ConfigError` before any checkpoint is read."""
+    checks = Checks(config)
+    common_checks(checks)
+    checks.mesh(devices=jax.device_count())
+    checks.integer("batch_size", min=1)
+    checks.boolean("write_predictions")
+    checks.boolean("write_reports")
+    checks.choice("model_kind", tuple(INTERFACES))
+    steps = checks.get("steps")
+    if isinstance(steps, str):
+        words = [w.strip() for w in steps.split(",") if w.strip()]
+        if not (steps.strip() in ("latest", "all") or (words and all(w.isdigit() for w in words))):
+            checks.problem("steps", "'latest', 'all' or comma-separated steps >= 0 such as '400,800'")
+    try:
+        if not parse_eval_sets(config.eval_sets):
+            checks.problem("eval_sets", "at least one NAME=DATA_DIR[:SPLIT]")
+    except ValueError as e:
+        checks.problems.append(("eval_sets", str(e)))
+    checks.done()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """The sweep (see the module docstring). Returns the table's rows (on every process)."""
+    validate(config)
     kind = config.get("model_kind", "reward")
     if kind not in INTERFACES:
-        raise ValueError(f"config.model_kind={kind!r}: known kinds {sorted(INTERFACES)}")
+        raise ConfigError(f"config.model_kind={kind!r}: known kinds {sorted(INTERFACES)}")
     interface = INTERFACES[kind]
     is_main = jax.process_index() == 0
     mesh = parallel.make_mesh(config.mesh.to_dict())

@@ -13,9 +13,21 @@ from typing import Any
 
 import ml_collections
 
+from caig_jax.config_checks import Checks, common_checks, market_checks
 from caig_jax.data.market_datasets import build_world
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Types and ranges of every key the job reads (`caig_jax.config_checks.market_checks`); the job needs no
+    devices, so `mesh` is checked for its form only."""
+    checks = Checks(config)
+    common_checks(checks)
+    checks.mesh()
+    market_checks(checks)
+    checks.done()
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    validate(config)
     os.makedirs(workdir, exist_ok=True)
     return build_world(config, workdir)

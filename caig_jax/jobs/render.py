@@ -3,18 +3,20 @@
     python -m caig_jax.main --config=configs/render.py:tiny --workdir=/tmp/render
 
 Input: `config.products`, a JSON list of `{"id", "image": RGBA cut-out path (relative to the JSON file or
-absolute), "caption", "prompt": str or [str, ...]}` (the layout of CAIG's `tiny.json`, plus prompts).
+absolute), "new_caption" (or "caption" / "title"), "prompt": str or [str, ...]}` (the layout of CAIG's
+`tiny.json`, plus prompts).
 Output in the workdir:
   renders/<id>_<k>.png      one image per product and prompt
   contact_sheet.png         all renders in a grid (one row per product)
   render_report.json / .md  settings, timings (images/s, seconds per step) and the list of files
 
-Every product image is checked before anything is rendered: a missing file, an unreadable image, an image
-without an alpha channel or with an empty alpha fails with a message naming the file.
+The config is checked first (`validate`), then every product image, before any model is loaded: a missing
+file, an unreadable image, an image without an alpha channel, with an empty alpha or with a product under
+`caig_jax.data.product.MIN_CUTOUT_SIZE` (8 px) on its short side fails with a message naming the file.
 
-`write_tiny_sd` makes a tiny random Stable Diffusion + ControlNet in the diffusers folder layout (PyTorch
-diffusers/transformers are used only to write it): the `tiny` preset uses it when no weights are given, since
-nothing can be downloaded; its images are noise-like by construction.
+`write_tiny_sd` makes a tiny random Stable Diffusion + ControlNet in the diffusers folder layout with our own
+modules' init and export path (no PyTorch): the `tiny` preset uses it when no weights are given, since nothing
+can be downloaded; its images are noise-like by construction.
 """
 
 from __future__ import annotations
@@ -28,14 +30,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 from PIL import Image
 
 import caig_jax.render as render
 from caig_jax import parallel
+from caig_jax.config_checks import Checks, ConfigError, common_checks
+from caig_jax.convert.diffusers import save_pipeline
 from caig_jax.data import market
 from caig_jax.data import product as product_lib
-from caig_jax.diffusion.schedulers import SD15_SCHEDULER_CONFIG
+from caig_jax.diffusion.schedulers import SCHEDULERS, SD15_SCHEDULER_CONFIG
 from caig_jax.files import write_json_atomic
+from caig_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from caig_jax.models.controlnet import ControlNetConfig, ControlNetModel
+from caig_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+from caig_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
 # ---------------------------------------------------------------------------------------------------------------
 # A tiny random SD-1.5-shaped pipeline in the diffusers folder layout.
@@ -112,63 +121,69 @@ def tiny_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _randomise_zero_convs(controlnet, seed: int) -> None:
-    """ControlNet's zero convolutions start at zero; a random tiny model should exercise the residual path."""
-    import torch
+def _truncated_normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
+    """Normal(0, std) truncated to 2 standard deviations, with `std` the truncated distribution's own (as
+    `jax.nn.initializers.variance_scaling(..., "truncated_normal")`)."""
+    x = rng.standard_normal(shape)
+    while (bad := np.abs(x) > 2).any():
+        x[bad] = rng.standard_normal(int(bad.sum()))
+    return (x * std / 0.87962566103423978).astype(np.float32)
 
-    gen = torch.Generator().manual_seed(seed)
-    modules = list(controlnet.controlnet_down_blocks) + [controlnet.controlnet_mid_block]
-    modules.append(controlnet.controlnet_cond_embedding.conv_out)
-    with torch.no_grad():
-        for m in modules:
-            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.05)
-            m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.05)
+
+def host_init(make_module, seed: int) -> nnx.Module:
+    """`make_module()`'s module with its parameters drawn on the host, from the distributions our layers'
+    initialisers use (`caig_jax.models.layers`): kernels lecun-normal (variance 1 / fan-in), embeddings
+    normal(0.02), norm scales 1, biases 0.
+
+    Why not the module's own jitted init: on CPU, compiling the tiny UNet's init program alone takes 15-20 s
+    (hundreds of separate random-number kernels); this takes milliseconds and only the shapes come from JAX.
+    """
+    graphdef, abstract = nnx.split(parallel.abstract_module(make_module))
+    rng = np.random.default_rng(seed)
+    filled = []
+    for path, var in nnx.to_flat_state(abstract):
+        shape, leaf = tuple(var.get_value().shape), str(path[-1])
+        if leaf == "kernel":
+            value = _truncated_normal(rng, shape, (1.0 / max(1, int(np.prod(shape[:-1])))) ** 0.5)
+        elif leaf == "embedding":
+            value = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        elif leaf == "scale":
+            value = np.ones(shape, np.float32)
+        elif leaf == "bias":
+            value = np.zeros(shape, np.float32)
+        else:
+            raise ValueError(f"host_init: no initialiser for parameter {'/'.join(map(str, path))} {shape}")
+        filled.append((path, var.replace(jnp.asarray(value, var.get_value().dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
 def write_tiny_sd(folder: str, *, seed: int = 0) -> tuple[str, str]:
-    """Writes a tiny random SD + ControlNet inpainting pipeline with diffusers' `save_pretrained` into `folder`.
+    """Writes a tiny random SD + ControlNet inpainting pipeline into `folder`: our own modules, their parameters
+    drawn by `host_init`, written by the renderer's export path (`caig_jax.convert.diffusers.save_pipeline`); no
+    PyTorch involved.
 
     Layout: `model_index.json`, `unet/ vae/ text_encoder/ tokenizer/ scheduler/ controlnet/` (the scheduler
     config is SD-1.5's PNDM json as shipped). The shapes follow SD-1.5's structure at toy sizes (64x64 images,
-    VAE scale factor 4, 16x16 latents, 32-d text). Returns (sd_path, controlnet_path) = (folder,
-    folder/controlnet). Uses PyTorch diffusers/transformers to write the files.
+    VAE scale factor 4, 16x16 latents, 32-d text); the tokenizer is `tiny_clip_tokenizer` (built offline).
+    ControlNet's zero convolutions get our layers' random init, so a random tiny model exercises the residual
+    path. Returns (sd_path, controlnet_path) = (folder, folder/controlnet).
     """
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        ControlNetModel,
-        PNDMScheduler,
-        StableDiffusionControlNetInpaintPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
     tokenizer = tiny_clip_tokenizer()
     text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **TINY_TEXT,
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **TINY_TEXT,
     )
-    controlnet = ControlNetModel(**TINY_CONTROLNET).eval()
-    _randomise_zero_convs(controlnet, seed + 1)
-    pipe = StableDiffusionControlNetInpaintPipeline(
-        vae=AutoencoderKL(**TINY_VAE).eval(),
-        text_encoder=CLIPTextModel(text_config).eval(),
+    save_pipeline(
+        folder,
+        unet=host_init(lambda: UNet2DConditionModel(UNet2DConditionConfig.from_dict(TINY_UNET), rngs=nnx.Rngs(0)),
+                       seed),
+        vae=host_init(lambda: AutoencoderKL(AutoencoderKLConfig.from_dict(TINY_VAE), rngs=nnx.Rngs(0)), seed + 1),
+        text_encoder=host_init(lambda: CLIPTextModel(text_config, rngs=nnx.Rngs(0)), seed + 2),
         tokenizer=tokenizer,
-        unet=UNet2DConditionModel(**TINY_UNET).eval(),
-        controlnet=controlnet,
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        scheduler_config=dict(SD15_SCHEDULER_CONFIG),
+        controlnet=host_init(lambda: ControlNetModel(ControlNetConfig.from_dict(TINY_CONTROLNET), rngs=nnx.Rngs(0)),
+                             seed + 3),
     )
-    pipe.save_pretrained(folder)
-    # SD-1.5 ships a hand-written scheduler config without defaults (e.g. no timestep_spacing); keep that.
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(SD15_SCHEDULER_CONFIG, f, indent=2)
     return folder, os.path.join(folder, "controlnet")
 
 
@@ -230,13 +245,13 @@ def _resolve_model(config: ml_collections.ConfigDict, workdir: str):
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
     if dtype is None:
-        raise ValueError(f"config.dtype={config.dtype!r}: expected 'float32' or 'bfloat16'")
+        raise ConfigError(f"config.dtype={config.dtype!r}: expected 'float32' or 'bfloat16'")
     mesh = parallel.make_mesh(dict(config.mesh))
     sd_path = config.sd_path
     controlnet_path = config.controlnet_path or None
     if not sd_path:
         if not config.tiny_random_weights:
-            raise ValueError(
+            raise ConfigError(
                 "config.sd_path is empty: give the SD-1.5 diffusers folder (or LDM .safetensors) with "
                 "--config.sd_path=... and the ControlNet canny folder with --config.controlnet_path=..."
             )
@@ -253,16 +268,45 @@ def _resolve_model(config: ml_collections.ConfigDict, workdir: str):
     return renderer, sd_path, controlnet_path
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Types and ranges of every key the job reads (`caig_jax.config_checks`); raises `ConfigError` before any
+    product is drawn or model built."""
+    checks = Checks(config)
+    common_checks(checks)
+    checks.mesh(devices=jax.device_count())
+    checks.string("sd_path")
+    checks.string("controlnet_path")
+    checks.boolean("tiny_random_weights")
+    checks.choice("dtype", ("float32", "bfloat16"))
+    checks.string("products")
+    checks.boolean("synthetic_products")
+    checks.integer("num_products", min=1)
+    checks.integer("prompts_per_product", min=1)
+    checks.choice("scheduler", SCHEDULERS)
+    checks.integer("steps", min=1)
+    checks.number("guidance_scale", min=0)
+    checks.number("controlnet_scale", min=0)
+    checks.string("negative_prompt")
+    checks.integer("batch_size", min=1)
+    if checks.get("sd_path", "x") == "" and checks.get("tiny_random_weights", True) is False:
+        checks.problem("sd_path", "the SD-1.5 diffusers folder or LDM .safetensors (empty only with "
+                       "tiny_random_weights=True)")
+    if checks.get("products", "x") == "" and checks.get("synthetic_products", True) is False:
+        checks.problem("products", "the products JSON path (empty only with synthetic_products=True)")
+    checks.done()
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Renders every (product, prompt) of `config.products`; see the module docstring for the outputs."""
     from tqdm import tqdm
 
+    validate(config)
     os.makedirs(workdir, exist_ok=True)
     # ---- products first: every input problem surfaces before any model is loaded.
     products_path = config.products
     if not products_path:
         if not config.synthetic_products:
-            raise ValueError("config.products is empty: give the products JSON with --config.products=PATH")
+            raise ConfigError("config.products is empty: give the products JSON with --config.products=PATH")
         products_path = write_synthetic_products(
             os.path.join(workdir, "products"), config.num_products, config.prompts_per_product, config.seed
         )

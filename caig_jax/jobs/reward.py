@@ -20,6 +20,8 @@ import jax
 import ml_collections
 
 from caig_jax import parallel
+from caig_jax.config_checks import Checks, common_checks, market_checks, train_checks
+from caig_jax.errors import MissingPathError
 from caig_jax.data.loader import reward_batches
 from caig_jax.data.market_datasets import build_world
 from caig_jax.data.reward_inputs import RewardInputBatches, build_inputs, pair_batches, train_source
@@ -34,22 +36,68 @@ from caig_jax.trainers.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Types and ranges of every key the job reads (`caig_jax.config_checks`), the nested marketplace config
+    (`data.market`) included when it is used; raises `ConfigError` before anything is built."""
+    checks = Checks(config)
+    common_checks(checks)
+    shape = checks.mesh(devices=jax.device_count())
+    train_checks(checks, batch_shards=shape[0] * shape[1] if shape else None, processes=jax.process_count())
+    checks.string("data.dir")
+    image_size = checks.integer("data.image_size", min=8)
+    checks.boolean("data.random_flip")
+    checks.boolean("data.cache_train_examples")
+    for key in ("train_split", "val_split", "test_split", "train_config"):
+        checks.string(f"data.{key}")
+    checks.choice("model.dtype", ("float32", "bfloat16"))
+    checks.integer("model.max_text_len", min=1)
+    checks.integer("model.lora_rank", min=0)
+    checks.number("model.lora_alpha", min=0, min_open=True)
+    pretrained = checks.string("model.pretrained")
+    if not pretrained:  # the tiny random model is built from model.tiny
+        t = "model.tiny."
+        sizes = {k: checks.integer(t + k, min=1) for k in (
+            "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vision_hidden_size",
+            "vision_layers", "vision_heads", "vision_patch_size")}
+        checks.number(t + "rope_theta", min=0, min_open=True)
+        if sizes["hidden_size"] and sizes["num_heads"] and sizes["hidden_size"] % sizes["num_heads"]:
+            checks.problem(t + "hidden_size", f"a multiple of model.tiny.num_heads={sizes['num_heads']}")
+        if sizes["num_heads"] and sizes["num_kv_heads"] and sizes["num_heads"] % sizes["num_kv_heads"]:
+            checks.problem(t + "num_heads", f"a multiple of model.tiny.num_kv_heads={sizes['num_kv_heads']}")
+        if sizes["vision_hidden_size"] and sizes["vision_heads"] and sizes["vision_hidden_size"] % sizes["vision_heads"]:
+            checks.problem(t + "vision_hidden_size", f"a multiple of model.tiny.vision_heads={sizes['vision_heads']}")
+        patch = sizes["vision_patch_size"]
+        if image_size and patch and image_size % patch:
+            checks.problem("data.image_size", f"a multiple of model.tiny.vision_patch_size={patch}")
+    checks.number("loss.point_weight", min=0)
+    weights = checks.get("ablation_point_weights")
+    if not isinstance(weights, (list, tuple)) or any(
+            isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in weights):
+        checks.problem("ablation_point_weights", "a tuple of numbers >= 0 (one extra run each; () for none)")
+    checks.integer("eval.batch_size", min=1)
+    if not config.data.dir:
+        market_checks(checks, prefix="data.market.")
+    checks.done()
+
+
 def ensure_data(config: ml_collections.ConfigDict, workdir: str) -> str:
     """The TFDS data dir of reward pairs: `config.data.dir`, or the marketplace (`config.data.market`, a
-    `configs/market.py` config) built into `<workdir>/market`."""
+    `configs/market.py` config) built into `<workdir>/market` (checked against its inputs on every run)."""
     if config.data.dir:
         if not os.path.isdir(config.data.dir):
-            raise FileNotFoundError(f"config.data.dir={config.data.dir!r} does not exist")
+            raise MissingPathError(f"config.data.dir={config.data.dir!r} does not exist")
         return config.data.dir
     world = os.path.join(workdir, "market")
+    market_config = ml_collections.ConfigDict(config.data.market.to_dict())
+    market_config.seed = config.seed
+    # Only the CTR-log datasets this job reads (the market job builds the others from the same folder).
+    market_config.build.datasets = ("ctr_logs",)
     if not os.path.isdir(os.path.join(world, "tfds", "ctr_logs")):
-        market_config = ml_collections.ConfigDict(config.data.market.to_dict())
-        market_config.seed = config.seed
-        # Only the CTR-log datasets this job reads (the market job builds the others from the same folder).
-        market_config.build.datasets = ("ctr_logs",)
         log.info("no data in %s: building the synthetic marketplace (config.data.market)", world)
-        if jax.process_index() == 0:
-            build_world(market_config, world, verbose=False)
+    if jax.process_index() == 0:
+        # Every run: an existing marketplace is reused when its config and files are unchanged, and a dataset
+        # whose input files changed stops naming the file (or is rebuilt with data.market.build.overwrite).
+        build_world(market_config, world, verbose=False, overwrite_hint="--config.data.market.build.overwrite=True")
     return os.path.join(world, "tfds")
 
 
@@ -96,6 +144,7 @@ def evaluate_split(run_config, data_dir, split, model, mesh, predictions_path: s
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    validate(config)
     mesh = parallel.make_mesh(config.mesh.to_dict())
     log.info("mesh: %s", dict(mesh.shape))
     data_dir = ensure_data(config, workdir)

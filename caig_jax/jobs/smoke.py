@@ -20,6 +20,7 @@ import ml_collections
 from flax import nnx
 
 from caig_jax import parallel
+from caig_jax.config_checks import Checks, common_checks, train_checks
 from caig_jax.data.regression import RegressionData
 from caig_jax.models.lora import apply_lora
 from caig_jax.models.mlp import MLP
@@ -45,7 +46,22 @@ def build_model(config: ml_collections.ConfigDict, mesh) -> MLP:
     return model
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Types and ranges of every key the job reads (`caig_jax.config_checks`); raises `ConfigError`."""
+    checks = Checks(config)
+    common_checks(checks)
+    shape = checks.mesh(devices=jax.device_count())
+    train_checks(checks, batch_shards=shape[0] * shape[1] if shape else None, processes=jax.process_count())
+    for key in ("d_in", "d_out", "d_hidden", "num_layers"):
+        checks.integer(f"model.{key}", min=1)
+    checks.integer("model.lora_rank", min=0)
+    checks.number("model.lora_alpha", min=0, min_open=True)
+    checks.string("model.lora_target")
+    checks.done()
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    validate(config)
     mesh = parallel.make_mesh(config.mesh.to_dict())
     log.info("mesh: %s", dict(mesh.shape))
     model = build_model(config, mesh)

@@ -55,6 +55,7 @@ from jax.sharding import PartitionSpec as P
 
 from caig_jax import parallel
 from caig_jax.checkpoint import Checkpointer
+from caig_jax.config_checks import ConfigError
 from caig_jax.metrics import MetricWriter, Progress
 
 log = logging.getLogger(__name__)
@@ -200,12 +201,12 @@ class Trainer:
         accum = train.grad_accum_steps
         shards = parallel.num_batch_shards(mesh)
         if train.batch_size % (accum * shards):
-            raise ValueError(
+            raise ConfigError(
                 f"config.train.batch_size={train.batch_size} must divide by grad_accum_steps={accum} times the "
                 f"mesh's data*fsdp size={shards}"
             )
         if train.batch_size % jax.process_count():
-            raise ValueError(f"config.train.batch_size={train.batch_size} must divide by {jax.process_count()} hosts")
+            raise ConfigError(f"config.train.batch_size={train.batch_size} must divide by {jax.process_count()} hosts")
 
         self.filter = trainable_filter(train.trainable, tuple(train.freeze), tuple(train.extra_trainable))
         self.graphdef, params, self.frozen = nnx.split(model, self.filter, ...)
@@ -374,7 +375,10 @@ class Trainer:
                 last = session.run_step(next(data))
             if eval_fn is not None:
                 evaluated = dict(eval_fn(self.model(), self.current_step))
-                session.writer.write(self.current_step, evaluated, prefix="eval/")
+                # Re-running a finished run (or one stopped after its last checkpoint) evaluates again but keeps
+                # the one final row already written.
+                if not session.writer.has_row(self.current_step, prefix="eval/"):
+                    session.writer.write(self.current_step, evaluated, prefix="eval/")
                 last.update({f"eval/{k}": v for k, v in evaluated.items()})
         return TrainResult(self.current_step, last, self.model())
 

@@ -119,6 +119,7 @@ class CtrLogs(tfds.core.GeneratorBasedBuilder):
             by_split = {s: by_split[s] for s in cfg.splits}
         side = logs_lib.read_item_side_file(cfg.side_file, bad=bad) if cfg.side_file else {}
         truth = logs_lib.read_truth_file(cfg.truth_file) if cfg.truth_file else {}
+        self._inputs = self._input_files(by_split)
         rule = pairs_lib.PairRule(cfg.min_impressions, cfg.min_ratio, cfg.max_ratio, cfg.max_pairs_per_item)
         self._report = {"bad_data": bad, "splits": {}}
         self._bad = bad
@@ -131,6 +132,20 @@ class CtrLogs(tfds.core.GeneratorBasedBuilder):
             self._report["splits"][split] = report
             generators[split] = self._generate_examples(split, creatives, pairs, side)
         return generators
+
+    def _input_files(self, by_split: dict[str, list[logs_lib.Creative]]) -> _common.InputFiles:
+        """Every file this build read (log files, side and truth files, the creatives' images), fingerprinted."""
+        cfg = self.builder_config
+        inputs = _common.InputFiles()
+        if cfg.layout == "creative_ranking":
+            list_dir = os.path.join(cfg.source, "list")
+            inputs.add(*(os.path.join(list_dir, f"{s}_data_list.txt") for s in logs_lib.CREATIVE_RANKING_SPLITS))
+        else:
+            inputs.add(*([path for _, path in cfg.json_files] or [cfg.source]))
+        inputs.add(cfg.side_file, cfg.truth_file)
+        for creatives in by_split.values():
+            inputs.add(*(c.image for c in creatives))
+        return inputs
 
     # -- writing -------------------------------------------------------------------------------------
 
@@ -187,6 +202,7 @@ class CtrLogs(tfds.core.GeneratorBasedBuilder):
             "splits": self._report["splits"],
         }
         self.info.metadata["options"] = _common.config_options(cfg)
+        self.info.metadata["inputs"] = self._inputs.as_dict()
 
 
 def _check_disjoint(by_split: dict[str, list[logs_lib.Creative]], bad: BadData) -> None:
@@ -203,10 +219,13 @@ def _check_disjoint(by_split: dict[str, list[logs_lib.Creative]], bad: BadData) 
         by_split[split] = keep
 
 
-def build(data_dir: str, *, name: str = "default", overwrite: bool = False, **options: Any) -> tuple[str, dict]:
+def build(data_dir: str, *, name: str = "default", overwrite: bool = False, overwrite_hint: str = "overwrite=True",
+          **options: Any) -> tuple[str, dict]:
     """Builds (or reuses) `ctr_logs/<name>` under `data_dir`. Options: the fields of `CtrLogsConfig`.
 
-    Returns (dataset folder, build report). Raises `DataError` on bad data unless on_bad="skip".
+    Returns (dataset folder, build report). Raises `DataError` on bad data unless on_bad="skip", and when the
+    dataset exists with other options or was built from input files that changed since, unless `overwrite`
+    (`overwrite_hint` says how the caller's user sets it).
     """
     if "json_files" in options and isinstance(options["json_files"], dict):
         options["json_files"] = tuple(sorted(options["json_files"].items()))
@@ -214,6 +233,7 @@ def build(data_dir: str, *, name: str = "default", overwrite: bool = False, **op
         options["splits"] = tuple(options["splits"])
     if "split_fractions" in options and isinstance(options["split_fractions"], dict):
         options["split_fractions"] = tuple(options["split_fractions"].items())
-    builder = _common.prepare(CtrLogs, CtrLogsConfig(name=name, **options), data_dir, overwrite=overwrite)
+    builder = _common.prepare(CtrLogs, CtrLogsConfig(name=name, **options), data_dir, overwrite=overwrite,
+                              overwrite_hint=overwrite_hint)
     path = str(builder.data_path)
     return path, dict(_common.load_builder(path, "ctr_logs").info.metadata.get("report", {}))

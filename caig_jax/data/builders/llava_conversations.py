@@ -87,6 +87,7 @@ class LlavaConversations(tfds.core.GeneratorBasedBuilder):
             raise DataError("llava_conversations: files=((split, (path, ...)), ...) is empty")
         self._bad = BadData(cfg.on_bad)
         self._counts = {}
+        self._inputs = _common.InputFiles()  # the JSON files and images read, fingerprinted as they are read
         return {split: self._generate_examples(split, tuple(paths)) for split, paths in cfg.files}
 
     def _generate_examples(self, split, paths):
@@ -99,6 +100,7 @@ class LlavaConversations(tfds.core.GeneratorBasedBuilder):
         for path in paths:
             if not os.path.exists(path):
                 raise DataError(f"conversation file {path!r} does not exist")
+            self._inputs.add(path)
             with open(path, encoding="utf-8") as f:
                 try:
                     data = json.load(f)
@@ -119,6 +121,8 @@ class LlavaConversations(tfds.core.GeneratorBasedBuilder):
                     continue
                 has_image = bool(entry.get("image"))
                 image_path = os.path.join(root, entry["image"]) if has_image else ""
+                if has_image:
+                    self._inputs.add(image_path)
                 if image_path not in encoded:
                     if has_image and not os.path.isfile(image_path):
                         self._bad("missing_image", f"{where}: image {image_path!r} does not exist")
@@ -147,13 +151,14 @@ class LlavaConversations(tfds.core.GeneratorBasedBuilder):
         self._counts[split] = written
         self.info.metadata["report"] = {"bad_data": self._bad.as_dict(), "examples": dict(self._counts)}
         self.info.metadata["options"] = _common.config_options(cfg)
+        self.info.metadata["inputs"] = self._inputs.as_dict()
 
 
 def build(data_dir: str, *, files: dict[str, Any], image_root: str = "", name: str = "default",
-          on_bad: str = "raise", overwrite: bool = False) -> tuple[str, dict]:
+          on_bad: str = "raise", overwrite: bool = False, overwrite_hint: str = "overwrite=True") -> tuple[str, dict]:
     """Builds (or reuses) `llava_conversations/<name>`; `files` maps split -> JSON path or list of paths."""
     norm = tuple(sorted((s, tuple([p] if isinstance(p, str) else p)) for s, p in files.items()))
     config = LlavaConversationsConfig(name=name, files=norm, image_root=image_root, on_bad=on_bad)
-    builder = _common.prepare(LlavaConversations, config, data_dir, overwrite=overwrite)
+    builder = _common.prepare(LlavaConversations, config, data_dir, overwrite=overwrite, overwrite_hint=overwrite_hint)
     path = str(builder.data_path)
     return path, dict(_common.load_builder(path, "llava_conversations").info.metadata.get("report", {}))

@@ -3,10 +3,11 @@
     from caig_jax.data.builders import products
     dataset_dir, report = products.build(data_dir, source="products.json")
 
-Input: a JSON list of `{"id", "image": RGBA cut-out path (relative to the file's folder or `image_root`),
-"new_caption", "category"?, "attributes"? (object or string), "split"?}`. Entries with a `split` go to that
-split, the others to `default_split` ("train"). Every image is checked with
-`caig_jax.data.product.load_product_image` (readable, has an alpha channel, alpha not empty). Example:
+Input: a JSON list of `{"id", "image": RGBA cut-out path (absolute, or relative to `image_root`, default the JSON
+file's folder), "new_caption" (CAIG's key; "caption" or "title" are accepted too), "category"?, "attributes"?
+(object or string), "split"?}`. Entries with a `split` go to that split, the others to `default_split`
+("train"). Every image is checked with `caig_jax.data.product.load_product_image` (readable, has an alpha
+channel, alpha not empty, the product at least `MIN_CUTOUT_SIZE` = 8 px on its short side). Example:
 
     id, image uint8[H, W, 4] (PNG, RGBA), caption, category, attributes (JSON text)
 """
@@ -17,7 +18,6 @@ import dataclasses
 import json
 import os
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from caig_jax.data.builders import _common
@@ -56,6 +56,8 @@ class Products(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         if not os.path.exists(cfg.source):
             raise DataError(f"products file {cfg.source!r} does not exist")
+        self._inputs = _common.InputFiles()  # the JSON file and the images read, fingerprinted as they are read
+        self._inputs.add(cfg.source)
         with open(cfg.source, encoding="utf-8") as f:
             try:
                 data = json.load(f)
@@ -72,8 +74,9 @@ class Products(tfds.core.GeneratorBasedBuilder):
             if not isinstance(entry, dict) or "id" not in entry or "image" not in entry:
                 self._bad("malformed_product", f"{where}: needs 'id', 'image' and 'new_caption'")
                 continue
-            if not isinstance(entry.get("new_caption"), str) or not entry["new_caption"].strip():
-                self._bad("malformed_product", f"{where} (id {entry['id']!r}): 'new_caption' must be a non-empty string")
+            if not product_lib.product_caption(entry):
+                self._bad("malformed_product", f"{where} (id {entry['id']!r}): 'new_caption' (or 'caption' / 'title') "
+                          "must be a non-empty string")
                 continue
             if str(entry["id"]) in seen:
                 self._bad("duplicate_id", f"{where}: id {entry['id']!r} already used at {seen[str(entry['id'])]}")
@@ -84,11 +87,12 @@ class Products(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split, entries):
         cfg = self.builder_config
-        root = cfg.image_root or os.path.dirname(os.path.abspath(cfg.source))
         written = 0
         for where, entry in entries:
+            image_path = product_lib.resolve_image_path(cfg.source, str(entry["image"]), cfg.image_root)
+            self._inputs.add(image_path)
             try:
-                rgba = product_lib.load_product_image(os.path.join(root, entry["image"]))
+                rgba = product_lib.load_product_image(image_path)
             except product_lib.ProductImageError as e:
                 reason = "missing_image" if isinstance(e, FileNotFoundError) else "bad_image"
                 self._bad(reason, f"{where}: {e}")
@@ -98,20 +102,21 @@ class Products(tfds.core.GeneratorBasedBuilder):
             yield str(entry["id"]), {
                 "id": str(entry["id"]),
                 "image": _common.encode_image(rgba),
-                "caption": entry["new_caption"],
+                "caption": product_lib.product_caption(entry),
                 "category": str(entry.get("category", "")),
                 "attributes": attributes if isinstance(attributes, str) else json.dumps(attributes, sort_keys=True),
             }
         self._counts[split] = written
         self.info.metadata["report"] = {"bad_data": self._bad.as_dict(), "examples": dict(self._counts)}
         self.info.metadata["options"] = _common.config_options(cfg)
+        self.info.metadata["inputs"] = self._inputs.as_dict()
 
 
 def build(data_dir: str, *, source: str, image_root: str = "", name: str = "default", default_split: str = "train",
-          on_bad: str = "raise", overwrite: bool = False) -> tuple[str, dict]:
+          on_bad: str = "raise", overwrite: bool = False, overwrite_hint: str = "overwrite=True") -> tuple[str, dict]:
     """Builds (or reuses) `products/<name>` under `data_dir` from a tiny.json-layout file."""
     config = ProductsConfig(name=name, source=os.path.abspath(source), image_root=image_root,
                             default_split=default_split, on_bad=on_bad)
-    builder = _common.prepare(Products, config, data_dir, overwrite=overwrite)
+    builder = _common.prepare(Products, config, data_dir, overwrite=overwrite, overwrite_hint=overwrite_hint)
     path = str(builder.data_path)
     return path, dict(_common.load_builder(path, "products").info.metadata.get("report", {}))
