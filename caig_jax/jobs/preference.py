@@ -35,6 +35,7 @@ import numpy as np
 
 import caig_jax.render as render
 from caig_jax import parallel
+from caig_jax.config_checks import Checks, common_checks, train_checks
 from caig_jax.data import market as market_lib
 from caig_jax.data import world
 from caig_jax.data.preference_inputs import corrupt, instruction, sequence_batch
@@ -292,21 +293,44 @@ def _scalars(result: dict[str, Any]) -> dict[str, float]:
 # ================================================================================================
 # The job.
 # ================================================================================================
-def _check(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Types and ranges of every key the job reads (`caig_jax.config_checks`) and the two input workdirs."""
+    checks = Checks(config)
+    common_checks(checks)
+    shape = checks.mesh(devices=jax.device_count())
+    train_checks(checks, batch_shards=shape[0] * shape[1] if shape else None, processes=jax.process_count())
+    checks.integer("rounds", min=1)
+    checks.integer("products_per_round", min=2)
+    checks.integer("samples", min=2)
+    checks.integer("steps_per_round", min=1)
+    checks.number("temperature", min=0, min_open=True)
+    checks.number("dpo.beta", min=0, min_open=True)
+    checks.number("pcpo.beta", min=0, min_open=True)
+    checks.number("pcpo.weight", min=0)
+    checks.choice("pcpo.swap", ("paper", "conversation"))
+    checks.number("pcpo.mask_ratio", min=0, max=1)
+    checks.integer("pcpo.patch_size", min=1)
+    checks.choice("render.kind", ("market", "sd"))
+    checks.integer("render.size", min=32)
+    checks.integer("render.steps", min=1)
+    checks.integer("lora.rank", min=1)
+    checks.number("lora.alpha", min=0, min_open=True)
+    checks.number("lora.dropout", min=0, max=1)
+    for key in ("max_new_tokens", "batch_size", "sequence_length"):
+        checks.integer(f"generation.{key}", min=1)
+    checks.integer("generation.prompt_length", min=0)
+    checks.integer("eval.products", min=2)
+    checks.integer("eval.samples", min=1)
+    checks.done()
     for key in ("sft_workdir", "reward_workdir"):
         path = config[key]
         if not path or not os.path.isdir(os.path.join(path, "checkpoints")):
             raise UserError(f"config.{key}={path!r} is not a training workdir with checkpoints",
                             fix=f"pass --config.{key}=DIR (the {key.split('_')[0]} job's --workdir)")
-    if config.samples < 2:
-        raise UserError(f"config.samples={config.samples}: a preference pair needs at least 2 samples per product")
-    if config.rounds < 1 or config.steps_per_round < 1 or config.products_per_round < 2:
-        raise UserError("config.rounds, config.steps_per_round must be >= 1 and config.products_per_round >= 2 "
-                        f"(got {config.rounds}, {config.steps_per_round}, {config.products_per_round})")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    _check(config)
+    validate(config)
     start = time.time()
     mesh = parallel.make_mesh(config.mesh.to_dict())
     policy, sft_config, inputs = build_policy(config, mesh)
