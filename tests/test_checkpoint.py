@@ -126,7 +126,7 @@ def _train_state(sizes, num_devices, seed=0):
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from caig_jax.trainers import smoke
+    from caig_jax.jobs import smoke
 
     mesh = parallel.make_mesh(sizes, devices=jax.devices()[:num_devices])
     config = smoke_config(sizes)

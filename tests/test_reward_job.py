@@ -132,3 +132,26 @@ def test_ablation_run_uses_the_first_runs_tokenizer(trained):
     ablation = os.path.join(workdir, "ablation_point_weight_0.0", "tokenizer", "tokenizer.json")
     with open(first) as a, open(ablation) as b:
         assert a.read() == b.read()
+
+
+@pytest.mark.slow
+def test_own_marketplace_is_checked_against_its_files_on_every_run(tmp_path):
+    """With data.dir empty the job builds the marketplace into its workdir; a later run reuses it only while the
+    files it was built from are unchanged, and names the nested option that rebuilds it."""
+    from caig_jax.data.ctr_logs import DataError
+
+    config = load_config(os.path.join(REPO, "configs", "reward.py:tiny"))
+    market = config.data.market
+    market.market.num_products, market.market.num_workers, market.market.contact_sheet_products = 20, 0, 3
+    market.market.image_size, market.market.product_size, market.pairs.image_size = 32, 48, 16
+    workdir = str(tmp_path)
+    data_dir = reward.ensure_data(config, workdir)
+    info = os.path.join(data_dir, "ctr_logs", "market", "1.0.0", "dataset_info.json")
+    built = os.path.getmtime(info)
+    assert reward.ensure_data(config, workdir) == data_dir and os.path.getmtime(info) == built
+    logs = os.path.join(workdir, "market", "market", "logs", "list", "val_data_list.txt")  # <workdir>/market: the world
+    with open(logs, "a") as f:
+        f.write("item99999\titem00001_00.png\t20240601\t5000\t50\n")
+    with pytest.raises(DataError, match=r"val_data_list\.txt \(size") as e:
+        reward.ensure_data(config, workdir)
+    assert "--config.data.market.build.overwrite=True" in e.value.fix

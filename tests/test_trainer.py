@@ -10,6 +10,7 @@ from flax import nnx
 from caig_jax import parallel
 from caig_jax.data.regression import RegressionData
 from caig_jax.jobs import smoke
+from caig_jax.metrics import read_jsonl
 from caig_jax.trainers.trainer import NonFiniteLossError, Trainer
 
 from ._smoke_utils import losses, smoke_config, trained_params
@@ -120,6 +121,14 @@ def test_eval_hook_runs_periodically(tmp_path, devices):
     trainer.close()
     assert calls == [4, 8, 12]
     assert result.metrics["eval/n"] == 12.0
+
+    # Re-running the finished run evaluates again (its result carries the metrics) but keeps the one final row.
+    trainer = Trainer(config, str(tmp_path), mesh, smoke.build_model(config, mesh), smoke.mse_loss)
+    again = trainer.train(RegressionData(16, 4, 64, 0), eval_fn=lambda m, s: calls.append(s) or {"n": float(s)})
+    trainer.close()
+    assert calls == [4, 8, 12, 12] and again.metrics["eval/n"] == 12.0
+    rows = read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl"))
+    assert [r["step"] for r in rows if "eval/n" in r] == [4, 8, 12]
 
 
 def test_bad_batch_size_is_rejected(tmp_path, devices):
