@@ -38,8 +38,10 @@ from ml_collections import config_flags
 from caig_jax import parallel
 from caig_jax.config_files import add_config_root
 from caig_jax.errors import UserError
-from caig_jax.models.llava import layout_for, llava_next_vicuna_7b, read_llava_config
+from caig_jax.models.llava import LlavaModel, layout_for, llava_next_vicuna_7b, read_llava_config
+from caig_jax.models.lora import apply_lora
 from caig_jax.models.reward import RewardModel, tiny_llava_config
+from caig_jax.trainers.preference import make_loss_fn as make_preference_loss
 from caig_jax.trainers.reward import make_loss_fn
 from caig_jax.trainers.trainer import Trainer
 
@@ -78,7 +80,7 @@ def topology_devices(name: str) -> list:
         return list(topologies.get_topology_desc(libtpu_name, "tpu").devices)
     except Exception as e:  # noqa: BLE001  (no libtpu, or a name libtpu rejects: both one message)
         raise UserError(f"cannot describe TPU topology {libtpu_name!r}: {str(e).splitlines()[0][:200]}",
-                        fix="install libtpu: pip install --target DIR -r requirements-tpu.txt; PYTHONPATH=DIR") from None
+                        fix="pip install --target DIR -r requirements-tpu.txt; PYTHONPATH=DIR") from None
 
 
 def topology_mesh(devices: list, sizes: dict) -> Mesh:
@@ -145,7 +147,50 @@ def reward_program(config, mesh: Mesh) -> Program:
                                    "a recomputed forward that is not counted")
 
 
-PROGRAMS: dict[str, Callable[[Any, Mesh], Program]] = {"reward": reward_program}
+def preference_program(config, mesh: Mesh) -> Program:
+    """The preference job's train step (LoRA on the PM, three sequences per example), abstract, on `mesh`. The PM
+    has LLaVA-v1.6-Vicuna-7B's shapes (CAIG's PM; the SFT workdir is not read), bf16 compute."""
+    llava_config = llava_next_vicuna_7b()
+    llava_config = dataclasses.replace(llava_config, text_config=dataclasses.replace(
+        llava_config.text_config, remat_policy=config.model.remat_policy))
+    dtype = jnp.bfloat16
+
+    def make():
+        model = LlavaModel(llava_config, rngs=nnx.Rngs(0), dtype=dtype)
+        apply_lora(model.language_model, rank=config.lora.rank, alpha=config.lora.alpha, target=config.lora.target,
+                   seed=config.seed, dropout=config.lora.dropout)
+        return model
+
+    graphdef, state = parallel.abstract_with_shardings(make, mesh)
+    model = nnx.merge(graphdef, state)
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(config, workdir, mesh, model, make_preference_loss(config))
+        trainer.close()
+    b, t = config.train.batch_size, config.generation.sequence_length
+    tile = llava_config.vision_config.image_size
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
+
+    batch = {}
+    for prefix in ("chosen", "rejected", "corrupt"):
+        batch.update({f"{prefix}_input_ids": spec((b, t), jnp.int32),
+                      f"{prefix}_attention_mask": spec((b, t), jnp.int32),
+                      f"{prefix}_loss_mask": spec((b, t), jnp.int32),
+                      f"{prefix}_pixel_values": spec((b, llava_config.max_patches, 3, tile, tile), jnp.float32),
+                      f"{prefix}_image_layout": spec((b, 7), jnp.int32)})
+        batch[f"ref_{prefix}"] = spec((b,), jnp.float32)
+    lowered = trainer.lower_step(batch)
+    text = llava_config.text_config
+    n_llm = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model.language_model, nnx.Param)))
+    tokens = 3 * b * t
+    flops = 6 * n_llm * tokens + 12 * text.num_hidden_layers * 3 * b * t * t * text.hidden_size
+    return Program(lowered, flops, f"6*N*T over the 3 sequences ({n_llm / 1e9:.2f}B params x {tokens} tokens; "
+                                   "LoRA: the frozen weights still take the full backward through activations) "
+                                   "+ attention; tower forward not counted")
+
+
+PROGRAMS: dict[str, Callable[[Any, Mesh], Program]] = {"reward": reward_program, "preference": preference_program}
 
 
 def _gib(n: float) -> str:

@@ -40,3 +40,19 @@ def test_unknown_topology_is_one_line():
     out = _aot("--config=configs/reward.py:tiny", "--topology=v9-1")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: --topology='v9-1' is not a known slice name")
+
+
+@pytest.mark.slow
+def test_preference_7b_step_builds_abstractly_on_an_fsdp_tensor_mesh(devices):
+    """The 7b preset's DPO + PCPO step (LLaVA-v1.6-Vicuna-7B shapes, LoRA r128 on every LLM linear, three
+    sequences per example) lowers on an fsdp x tensor mesh without allocating a parameter."""
+    from caig_jax import aot, parallel
+    from caig_jax.config_files import load_config
+
+    config = load_config(os.path.join(REPO, "configs", "preference.py:7b"))
+    config.train.batch_size, config.generation.sequence_length = 8, 256
+    mesh = parallel.make_mesh({"fsdp": 4, "tensor": 2})
+    program = aot.preference_program(config, mesh)
+    text = program.lowered.as_text()
+    assert "all-gather" in text or "all_gather" in text or "sharding" in text
+    assert program.model_flops > 6 * 6.5e9 * 3 * 8 * 256  # 6ND over 6.7B LLM parameters at least

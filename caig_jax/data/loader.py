@@ -77,7 +77,8 @@ def _text(x: Any) -> str:
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
-def _resize_pair(image: np.ndarray, size: int | None) -> np.ndarray:
+def resize_pair(image: np.ndarray, size: int | None) -> np.ndarray:
+    """A left|right pair image uint8[H, 2W, 3] with each half resized to `size` x `size` (None: as it is)."""
     h, w = image.shape[:2]
     if size is None or (h == size and w == 2 * size):
         return image
@@ -109,7 +110,7 @@ class InMemoryPairSource:
         example = self._examples.get(index)
         if example is None:
             example = dict(self.source[index])
-            example["image"] = _resize_pair(np.asarray(example["image"]), self.image_size)
+            example["image"] = resize_pair(np.asarray(example["image"]), self.image_size)
             for value in example.values():
                 if isinstance(value, np.ndarray):
                     value.flags.writeable = False
@@ -173,7 +174,7 @@ class RewardBatches(Iterator[dict[str, Any]]):
         images, labels, ctrs, true_ctrs, impressions, indices = [], [], [], [], [], []
         texts: dict[str, list[str]] = {k: [] for k in TEXT_KEYS}
         for pos, index, ex in examples:
-            image = _resize_pair(np.asarray(ex["image"]), self.image_size)
+            image = resize_pair(np.asarray(ex["image"]), self.image_size)
             label, ctr, true_ctr, imp = int(ex["label"]), np.asarray(ex["ctr"]), np.asarray(ex["true_ctr"]), np.asarray(ex["impressions"])
             left_id, right_id = _text(ex["left_id"]), _text(ex["right_id"])
             if self.random_flip and np.random.default_rng([self.seed, pos]).random() < 0.5:

@@ -103,6 +103,22 @@ def pair_patches(config: LlavaConfig, pair_size: tuple[int, int]) -> int:
     return int(layout_for(config, [tuple(pair_size)])[0, 0])
 
 
+def pair_model_inputs(pair_images, captions, categories, attributes, inputs: LlavaInputs, llava_config: LlavaConfig,
+                      max_len: int) -> dict[str, np.ndarray]:
+    """The RM's model inputs for left|right pair images uint8[B, S, 2S, 3] of products with these captions,
+    categories and attributes (JSON text): input_ids / attention_mask int32[B, max_len] (right padded),
+    pixel_values float32[B, P, 3, S', S'], image_layout int32[B, 7]."""
+    conversations = [rm_conversation(*fields) for fields in zip(captions, categories, attributes)]
+    batch = inputs(list(pair_images), conversations, add_generation_prompt=True, padding_side="right",
+                   max_len=max_len, pad_patches_to=pair_patches(llava_config, np.asarray(pair_images[0]).shape[:2]))
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "pixel_values": batch["pixel_values"].astype(np.float32),
+        "image_layout": layout_for(llava_config, batch["image_sizes"]).astype(np.int32),
+    }
+
+
 class RewardInputBatches:
     """Pair batches (caig_jax.data.loader) -> model inputs, converted in a background thread.
 
@@ -127,20 +143,9 @@ class RewardInputBatches:
         self._state = pairs.get_state() if hasattr(pairs, "get_state") else {}
 
     def convert(self, raw: dict) -> dict:
-        conversations = [rm_conversation(*fields) for fields in zip(raw["caption"], raw["category"], raw["attributes"])]
-        config = self.llava_config
-        batch = self.inputs(
-            list(raw["image"]), conversations, add_generation_prompt=True, padding_side="right",
-            max_len=self.max_len, pad_patches_to=pair_patches(config, np.asarray(raw["image"][0]).shape[:2]),
-        )
-        out = {
-            "input_ids": batch["input_ids"],
-            "attention_mask": batch["attention_mask"],
-            "pixel_values": batch["pixel_values"].astype(np.float32),
-            "image_layout": layout_for(config, batch["image_sizes"]).astype(np.int32),
-            "label": np.asarray(raw["label"], np.int32),
-            "ctr": np.asarray(raw["ctr"], np.float32),
-        }
+        out = pair_model_inputs(raw["image"], raw["caption"], raw["category"], raw["attributes"], self.inputs,
+                                self.llava_config, self.max_len)
+        out.update(label=np.asarray(raw["label"], np.int32), ctr=np.asarray(raw["ctr"], np.float32))
         if self.keep_meta:
             out.update(true_ctr=np.asarray(raw["true_ctr"], np.float32), category=np.asarray(raw["category"]),
                        item_id=np.asarray(raw["item_id"]), index=np.asarray(raw["index"]),

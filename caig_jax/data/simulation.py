@@ -197,7 +197,7 @@ _DESCRIBE_BACKGROUND_Q = (
     "What does the background of this ad look like?",
 )
 _TITLE_Q = ("Write a short product title for this advertising image.", "Give this product a title.")
-_PROMPT_Q = (
+PROMPT_INSTRUCTIONS = (  # the background-prompt task's instructions (SFT data; the preference rounds)
     "The product is '{title}'. Write a background prompt for an advertising image of this product.",
     "Write a Stable Diffusion background prompt for the product '{title}'.",
 )
@@ -229,7 +229,7 @@ def _conversations(items: list[dict[str, Any]], rng: np.random.Generator) -> dic
             fam["background_prompt"].append({
                 "id": f"{c['name'][:-4]}_prompt",
                 "image": product_image_path,
-                "conversations": turn(str(rng.choice(_PROMPT_Q)).format(title=item["title"]), c["prompt"]),
+                "conversations": turn(str(rng.choice(PROMPT_INSTRUCTIONS)).format(title=item["title"]), c["prompt"]),
             })
     return fam
 

@@ -143,4 +143,6 @@ def lora_train_mode(model: nnx.Module, rng: jax.Array) -> None:
     layers = [m for _, m in lora_layers(model) if m.dropout is not None]
     for i, module in enumerate(layers):
         module.dropout.deterministic = False
-        nnx.reseed(module.dropout, lora_dropout=jax.random.fold_in(rng, i))
+        # A new key stream made inside the caller's trace (reseeding the stored one would mutate a variable
+        # created outside it: an error under jit + grad).
+        module.dropout.rngs = nnx.Rngs(lora_dropout=jax.random.fold_in(rng, i))["lora_dropout"]

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from caig_jax import parallel
 from caig_jax.checkpoint import restore_params
-from caig_jax.data.reward_inputs import build_inputs
+from caig_jax.data.loader import resize_pair
+from caig_jax.data.reward_inputs import build_inputs, pair_model_inputs
 from caig_jax.models.llava import LlavaConfig, set_remat
 from caig_jax.models.lora import apply_lora
-from caig_jax.models.reward import RewardModel
+from caig_jax.models.processing import LlavaInputs
+from caig_jax.models.reward import RewardModel, predict_batch
 from caig_jax.models.reward import from_pretrained as reward_from_pretrained
 from caig_jax.objectives.reward import reward_loss
 from caig_jax.trainers.trainer import trainable_filter
@@ -73,3 +78,23 @@ def load_trained(workdir: str, mesh, step: int | None = None) -> tuple[RewardMod
     trained = trainable_filter(train.trainable, tuple(train.freeze), tuple(train.extra_trainable))
     model, _ = restore_params(workdir, model, mesh, trainable=trained, step=step)
     return model, config
+
+
+def judge_pairs(model: RewardModel, config: ml_collections.ConfigDict, inputs: LlavaInputs, llava_config: LlavaConfig,
+                left_ads: Sequence[np.ndarray], right_ads: Sequence[np.ndarray], captions: Sequence[str],
+                categories: Sequence[str], attributes: Sequence[str], mesh, *, batch_size: int = 64) -> np.ndarray:
+    """The RM's verdict on ad pairs of the same products: `cls_logits` float32[N, 2] (left better, right better;
+    `objectives.reward.prefers_left` decides), for left and right ads uint8[H, W, 3] (any size; each is resized
+    to the run's `data.image_size` and put side by side, as the training pairs were). `config` and `inputs` are
+    the reward run's (`load_trained` / `data.reward_inputs.build_inputs`); this process's rows only."""
+    size = config.data.image_size
+    pairs = np.stack([resize_pair(np.concatenate([np.asarray(a), np.asarray(b)], axis=1), size)
+                      for a, b in zip(left_ads, right_ads, strict=True)])
+    rows = []
+    for start in range(0, len(pairs), batch_size):
+        part = slice(start, start + batch_size)
+        batch = pair_model_inputs(pairs[part], captions[part], categories[part], attributes[part], inputs,
+                                  llava_config, config.model.max_text_len)
+        padded, n = parallel.pad_to_multiple(batch, parallel.num_batch_shards(mesh) // jax.process_count())
+        rows.append(predict_batch(model, padded, mesh)["cls_logits"][:n])
+    return np.concatenate(rows, axis=0)
