@@ -6,7 +6,7 @@ from ml_collections import ConfigDict
 
 from caig_jax.config_checks import Checks, ConfigError, market_checks, train_checks
 from caig_jax.config_files import load_config
-from caig_jax.jobs import eval_sweep, market, render, reward, smoke
+from caig_jax.jobs import eval_sweep, market, render, reward, sft, smoke
 
 from .test_errors import _main
 
@@ -86,7 +86,7 @@ def test_market_section():
 @pytest.mark.parametrize("job,spec", [
     (smoke, "configs/smoke.py:tiny"), (reward, "configs/reward.py:tiny"), (render, "configs/render.py:tiny"),
     (market, "configs/market.py:tiny"), (market, "configs/market.py:reward"), (market, "configs/market.py:full"),
-    (eval_sweep, "configs/eval_sweep.py:tiny"),
+    (eval_sweep, "configs/eval_sweep.py:tiny"), (sft, "configs/sft.py:tiny"),
 ])
 def test_shipped_presets_validate(job, spec, devices):
     job.validate(load_config(spec))

@@ -23,6 +23,7 @@ import jax
 import ml_collections
 
 from caig_jax import parallel
+from caig_jax.config_checks import Checks, common_checks, market_checks, train_checks
 from caig_jax.convert.export import save_pretrained
 from caig_jax.data.ctr_logs import DataError, read_creative_ranking
 from caig_jax.data.market_datasets import build_world
@@ -105,7 +106,35 @@ def training_records(config, data_dir: str, market_dir: str) -> tuple[list, dict
 # ------------------------------------------------------------------------------------------------ run
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Types and ranges of every key the job reads (`caig_jax.config_checks`); raises `ConfigError` before
+    anything is built."""
+    checks = Checks(config)
+    common_checks(checks)
+    shape = checks.mesh(devices=jax.device_count())
+    train_checks(checks, batch_shards=shape[0] * shape[1] if shape else None, processes=jax.process_count())
+    checks.string("data.dir")
+    checks.choice("data.template", ("vicuna_v1", "llava_v1"))
+    checks.integer("data.image_size", min=8)
+    checks.integer("data.num_buckets", min=1)
+    checks.integer("data.bucket_multiple", min=1)
+    checks.choice("data.prompt_selection", ("all", "top_logged_ctr"))
+    checks.number("data.prompt_top_fraction", min=0, max=1, min_open=True)
+    checks.choice("model.dtype", ("float32", "bfloat16"))
+    checks.integer("model.lora_rank", min=0)
+    checks.number("model.lora_alpha", min=0, min_open=True)
+    checks.number("model.lora_dropout", min=0, max=1)
+    for key in ("batch_size", "samples", "on_brief", "max_new_tokens"):
+        checks.integer(f"eval.{key}", min=1)
+    checks.number("eval.temperature", min=0)
+    checks.choice("export.dtype", ("", "float32", "bfloat16"))
+    if not config.data.dir:
+        market_checks(checks, prefix="data.market.")
+    checks.done()
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    validate(config)
     start = time.time()
     seconds: dict[str, float] = {}
     mesh = parallel.make_mesh(config.mesh.to_dict())
