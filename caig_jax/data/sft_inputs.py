@@ -245,8 +245,9 @@ class Augment:
 
         h, w = image.shape[:2]
         fx = -1.0 if self.flip else 1.0
-        m = np.array([[self.scale * fx, 0.0, w / 2 * (1 - self.scale * fx) + self.dx * w],
-                      [0.0, self.scale, h / 2 * (1 - self.scale) + self.dy * h]], np.float32)
+        cx, cy = (w - 1) / 2, (h - 1) / 2  # OpenCV's pixel centres are at integer coordinates
+        m = np.array([[self.scale * fx, 0.0, cx * (1 - self.scale * fx) + self.dx * w],
+                      [0.0, self.scale, cy * (1 - self.scale) + self.dy * h]], np.float32)
         return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
 
 
