@@ -19,8 +19,10 @@ Tuning: with `--config.eval.split=val` (hyper-parameters were chosen that way); 
 Why the tiny choices (one run each on the 40 val products, so differences of a few points are noise):
 - background prompts: each product's best creative by *logged* CTR (`prompt_top_fraction`), repeated 3 times. The
   logged creatives' prompts are 40% on-brief and 60% random, so a PM that imitates all of them samples prompts
-  worse than random on-brief ones by construction (their mean true CTR is 0.87-0.89 of on-brief on val/test
-  products); each product's top 20% gave T=1.0 prompts at 0.97-0.98 of on-brief, its best one 1.02-1.04.
+  worse than random on-brief ones by construction (an exact imitator of the same-category, same-colour training
+  products' prompts reaches 0.88 of on-brief's mean true CTR on val products, computed from the logs); each
+  product's top 20% gave T=1.0 prompts at 0.97-1.00 of on-brief (5 runs), its best one repeated 2-3 times 1.03
+  (2 runs).
 - product descriptions repeated 3 times (the only questions whose colour and category must come from the image);
   left-right flips; shrink / shift augmentation halved held-out category accuracy (the tiny tower learns absolute
   patch positions) and is off. A larger tower (width 96, 3 layers), 48 px tiles, the last tower layer as features
