@@ -121,3 +121,30 @@ def test_unmerged_model_is_refused_and_bf16_shards_round_trip(case, tmp_path):
     q = back.language_model.layers[0].self_attn.q_proj.kernel.get_value()
     expected = np.asarray(model.language_model.layers[0].self_attn.q_proj.kernel.get_value())
     np.testing.assert_array_equal(np.asarray(q), expected.astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_lora_dropout_only_in_train_mode():
+    from caig_jax.models.lora import lora_train_mode
+    from caig_jax.models.mlp import MLP
+
+    model = MLP(8, 16, 4, 2, rngs=nnx.Rngs(0))
+    apply_lora(model, rank=4, alpha=8.0, dropout=0.5)
+    for i, (_, layer) in enumerate(lora_layers(model)):
+        layer.lora_b.set_value(jax.random.normal(jax.random.key(i), layer.lora_b.get_value().shape))
+    x = jax.random.normal(jax.random.key(9), (3, 8))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def train_forward(state, rng):
+        copy = nnx.merge(graphdef, state)
+        lora_train_mode(copy, rng)
+        return copy(x)
+
+    eval_out = np.asarray(model(x))
+    np.testing.assert_array_equal(eval_out, np.asarray(model(x)))  # evaluation never drops
+    a, b = (np.asarray(train_forward(state, jax.random.key(k))) for k in (1, 2))
+    assert not np.allclose(a, b) and not np.allclose(a, eval_out)  # a fresh mask per rng, in the traced copy only
+    np.testing.assert_array_equal(np.asarray(train_forward(state, jax.random.key(1))), a)
+    np.testing.assert_array_equal(np.asarray(model(x)), eval_out)
+    merge_lora(model)
+    assert rel_err(np.asarray(model(x)), eval_out) < TOL
