@@ -3,9 +3,10 @@
     write_sft_report(result, out_dir, title=..., split="test", truth=truth, notes=[...], metrics_jsonl=...)
 
 `result` is `caig_jax.eval.sft.evaluate_prompt_model`'s dict. The grid has one row per held-out product (up to
-`grid_rows`): the cut-out, then the ads of the PM's greedy prompt, its first T=1.0 sample, a random on-brief
-prompt and the oracle prompt, each rendered by the marketplace painter (`market.compose_ad`, `grid_size` px,
-seed 0) and captioned with its prompt and true CTR.
+`rows`): the cut-out with its title, then the ads of the PM's greedy prompt, its first T=1.0 sample, a random
+on-brief prompt and the oracle prompt, each painted by the marketplace painter (`market.compose_ad`, `size` px,
+the evaluation's seed) and captioned with its prompt and its true CTR as the evaluation scores it (the render
+size of `result`, 32 px by default: the click model's resolution).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from caig_jax.data import market as market_lib
+from caig_jax.data import world as world_lib
 from caig_jax.eval import plots as plot_lib
 from caig_jax.eval.reward_accuracy import to_jsonable
 from caig_jax.eval.sft import MarketTruth
@@ -125,6 +127,7 @@ def _captioned(tile: np.ndarray, caption: str, width_chars: int, lines: int = 4)
 def prompt_grid(result: Mapping[str, Any], truth: MarketTruth, path: str, *, rows: int = 8, size: int = 128) -> str:
     """PNG grid (see the module docstring) of the first `rows` products with known truth; returns `path`."""
     entries = [e for e in result.get("prompts", {}).get("per_product", []) if "greedy_ctr" in e][:rows]
+    render = result["prompts"]["true_ctr"]["render"]
     if not entries:
         raise ValueError("no evaluated product with a known true CTR to draw")
     grid_rows = []
@@ -144,9 +147,9 @@ def prompt_grid(result: Mapping[str, Any], truth: MarketTruth, path: str, *, row
             if prompt is None:
                 tiles.append(_captioned(np.full((size, size, 3), 255, np.uint8), f"{name}: -", chars))
                 continue
-            ad = market_lib.compose_ad(rgba, prompt, size, seed=0)
-            if ctr is None:
-                ctr = market_lib.true_ctr(ad, truth.products[e["product"]])
+            ad = market_lib.compose_ad(rgba, prompt, size, seed=render["seed"])
+            if ctr is None:  # scored as the evaluation scores every prompt (its render size and seed)
+                ctr = world_lib.prompt_ctr(prompt, truth.products[e["product"]], render["size"], render["seed"])
             tiles.append(_captioned(ad, f"{name} ({100 * ctr:.2f}%): {prompt}", chars))
         row = np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], axis=1)
         grid_rows.append(row)
