@@ -340,7 +340,8 @@ def test_tiny_job_end_to_end_resumes_after_sigterm(small_market, tmp_path):
     ref = LlavaNextForConditionalGeneration.from_pretrained(os.path.join(workdir, "export"), dtype=torch.float32)
     side = model.config.vision_config.image_size
     with torch.no_grad():
-        theirs = ref.eval()(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]),
+        theirs = ref.eval()(input_ids=torch.tensor(batch["input_ids"]),
+                            attention_mask=torch.tensor(batch["attention_mask"]),
                             pixel_values=torch.tensor(batch["pixel_values"]),
                             image_sizes=torch.tensor([list(data.decoded(i).shape[:2]) for i in (0, 1)])).logits.numpy()
     assert side == 32 and rel_err(logits, theirs, batch["attention_mask"]) < TOL

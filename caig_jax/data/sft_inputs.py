@@ -189,7 +189,8 @@ def build_inputs(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
     template = TEMPLATES[config.data.template]
     if config.model.pretrained:
         llava_config = read_llava_config(config.model.pretrained)[0]
-        return LlavaInputs.from_pretrained(config.model.pretrained, config=llava_config, template=template), llava_config
+        inputs = LlavaInputs.from_pretrained(config.model.pretrained, config=llava_config, template=template)
+        return inputs, llava_config
     from transformers import AutoTokenizer
 
     tok_dir = os.path.join(workdir, "tokenizer")
@@ -269,7 +270,8 @@ class ConversationData:
             raise DataError("no conversations to train or evaluate on")
         self.inputs, self.llava_config = inputs, llava_config
         self.pad_id = pad_token_id(inputs.tokenizer)
-        self._cache: collections.OrderedDict[tuple[str, bool], tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[tuple[str, bool], tuple[np.ndarray, np.ndarray]]
+        self._cache = collections.OrderedDict()
         self._decoded: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self.image_cache = image_cache
         self.max_patches = llava_config.max_patches
@@ -283,8 +285,9 @@ class ConversationData:
                 if r.image_key not in sizes:
                     sizes[r.image_key] = image_size(r.image)
                 counts = [num_image_tokens(*sizes[r.image_key], inputs.spec)]
-            ex = tokenize_conversation(inputs.tokenizer, r.messages, counts, image_token_index=inputs.spec.image_token_index,
-                                       template=inputs.template, image_token=inputs.image_token)
+            ex = tokenize_conversation(inputs.tokenizer, r.messages, counts,
+                                       image_token_index=inputs.spec.image_token_index, template=inputs.template,
+                                       image_token=inputs.image_token)
             self.tokens.append(ex["input_ids"])
             self.loss_masks.append(ex["loss_mask"])
         self.lengths = np.asarray([len(t) for t in self.tokens], np.int64)
@@ -324,7 +327,8 @@ class ConversationData:
         else:
             image = augment.apply(image)
         out = self.inputs.image_processor([image], pad_patches_to=self.max_patches)
-        value = (out["pixel_values"][0].astype(np.float32), layout_for(self.llava_config, out["image_sizes"])[0].astype(np.int32))
+        value = (out["pixel_values"][0].astype(np.float32),
+                 layout_for(self.llava_config, out["image_sizes"])[0].astype(np.int32))
         if flip_only:
             for v in value:
                 v.flags.writeable = False
@@ -345,7 +349,8 @@ class ConversationData:
         for row, i in enumerate(indices):
             t = self.tokens[i]
             if len(t) > length:
-                raise ValueError(f"conversation {self.records[i].id} is {len(t)} tokens, longer than its bucket {length}")
+                raise ValueError(f"conversation {self.records[i].id} is {len(t)} tokens, longer than its bucket "
+                                 f"{length}")
             ids[row, : len(t)] = t
             attention[row, : len(t)] = 1
             loss[row, : len(t)] = self.loss_masks[i]

@@ -112,7 +112,8 @@ class MarketTruth:
             entries = json.load(f)
         products, paths, splits = {}, {}, {}
         for e in entries:
-            products[e["id"]] = market_lib.Product(e["id"], e["category"], e["new_caption"], dict(e["attributes"]), seed)
+            products[e["id"]] = market_lib.Product(e["id"], e["category"], e["new_caption"], dict(e["attributes"]),
+                                                   seed)
             paths[e["id"]] = os.path.join(market_dir, "products", e["image"])
             splits[e["id"]] = e.get("split", "")
         oracle = {}

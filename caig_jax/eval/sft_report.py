@@ -68,13 +68,14 @@ def report_markdown(result: Mapping[str, Any], *, title: str, split: str, notes:
     if p:
         lines += ["", f"## Background prompts ({p['products']} products; greedy and {p['samples_per_product']} "
                   f"samples at T={p['temperature']} each)", "",
-                  f"- prompts that parse fully into the world's vocabulary: greedy **{_ci_pct(p['greedy_parse_rate'])}**,"
-                  f" sampled {_ci_pct(p['sampled_parse_rate'])}"]
+                  "- prompts that parse fully into the world's vocabulary: greedy "
+                  f"**{_ci_pct(p['greedy_parse_rate'])}**, sampled {_ci_pct(p['sampled_parse_rate'])}"]
         ctr = p.get("true_ctr")
         if ctr:
             r = ctr["render"]
             lines += ["", f"True CTR of the ads the marketplace painter renders from each prompt ({r['size']} px, seed "
-                      f"{r['seed']}, as the world report scores prompts); per product, then the mean over products:", "",
+                      f"{r['seed']}, as the world report scores prompts); per product, then the mean over "
+                      "products:", "",
                       "| prompts | mean true CTR [95% CI] |", "|---|---|",
                       f"| random on-brief ({r['on_brief_prompts_per_product']} per product) | "
                       f"{_ctr(ctr['random_on_brief'])} |",
@@ -82,11 +83,12 @@ def report_markdown(result: Mapping[str, Any], *, title: str, split: str, notes:
                       f"| PM, greedy | {_ctr(ctr['greedy'])} |"]
             if "oracle" in ctr:
                 lines.append(f"| per-product oracle prompt (world report) | {_ctr(ctr['oracle'])} |")
-            lines += ["", f"- PM samples minus random on-brief (paired per product): {_ctr(ctr['sampled_minus_on_brief'], 5)}"
-                      f" (ratio of means {ctr['sampled_over_on_brief']:.3f})",
+            lines += ["", "- PM samples minus random on-brief (paired per product): "
+                      f"{_ctr(ctr['sampled_minus_on_brief'], 5)} (ratio of means {ctr['sampled_over_on_brief']:.3f})",
                       f"- PM greedy minus random on-brief: {_ctr(ctr['greedy_minus_on_brief'], 5)}"]
             if "sampled_gap_closed" in ctr:
-                lines.append(f"- share of the on-brief -> oracle gap the samples close: {ctr['sampled_gap_closed']:.2f}")
+                lines.append("- share of the on-brief -> oracle gap the samples close: "
+                             f"{ctr['sampled_gap_closed']:.2f}")
         lines += ["", "| product | greedy prompt | a T=1.0 sample | parses (greedy) |", "|---|---|---|---|"]
         for e in p["per_product"][:8]:
             lines.append(f"| {e['product']} | {e['greedy']} | {e['samples'][0] if e['samples'] else ''} | "
