@@ -23,7 +23,8 @@ from caig_jax.models.processing import LlavaInputs, build_word_tokenizer
 from tests._llava_fixtures import TOL, rel_err
 
 SIDE = 28
-TEXTS = ["USER: <image>\nWrite a background prompt for the red mug. ASSISTANT: wooden kitchen counter, warm lighting</s>",
+TEXTS = ["USER: <image>\nWrite a background prompt for the red mug. ASSISTANT: wooden kitchen counter, warm "
+         "lighting</s>",
          "USER: <image>\nDescribe the product. ASSISTANT: A teal water bottle made of steel.</s>"]
 
 
@@ -51,13 +52,15 @@ def case(tmp_path_factory):
         b = layer.lora_b.get_value()
         layer.lora_b.set_value(jax.device_put(0.05 * jax.random.normal(jax.random.key(i), b.shape), b.sharding))
     processor = ImageProcessorConfig(kind="llava_next", size={"shortest_edge": SIDE},
-                                     crop_size={"height": SIDE, "width": SIDE}, image_grid_pinpoints=config.image_grid_pinpoints)
+                                     crop_size={"height": SIDE, "width": SIDE},
+                                     image_grid_pinpoints=config.image_grid_pinpoints)
     inputs = LlavaInputs(tokenizer, ImageProcessor(processor), config)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), rng.integers(0, 255, (30, 60, 3), dtype=np.uint8)]
     prompts = ["Write a background prompt for the red mug.", "Describe the product."]
     batch = inputs.prompts(images, prompts)
-    unmerged = np.asarray(model(batch["input_ids"], batch["pixel_values"], batch["image_sizes"], batch["attention_mask"]))
+    unmerged = np.asarray(model(batch["input_ids"], batch["pixel_values"], batch["image_sizes"],
+                                batch["attention_mask"]))
     assert len(merge_lora(model)) == 2 * 7 and not lora_layers(model)
     folder = str(root / "pm")
     export.save_pretrained(model, folder, tokenizer=tokenizer, image_processor=processor)
@@ -90,7 +93,8 @@ def test_transformers_loads_the_export_with_the_same_logits_and_greedy_tokens(ca
                                      batch["attention_mask"], max_new_tokens=new))
     np.testing.assert_array_equal(ours, theirs)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    assert tokenizer.encode(TEXTS[0]) == AutoTokenizer.from_pretrained(os.path.join(folder, "..", "tok")).encode(TEXTS[0])
+    original = AutoTokenizer.from_pretrained(os.path.join(folder, "..", "tok"))
+    assert tokenizer.encode(TEXTS[0]) == original.encode(TEXTS[0])
 
 
 def test_our_loader_reads_the_export_back_exactly(case):
@@ -98,8 +102,8 @@ def test_our_loader_reads_the_export_back_exactly(case):
     config, _ = llava.read_llava_config(folder)
     assert config == model.config
     back = llava.from_pretrained(folder)
-    ours = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    theirs = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(back, nnx.Param))}
+    ours, theirs = ({"/".join(map(str, p)): np.asarray(v.get_value())
+                     for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))} for m in (model, back))
     assert ours.keys() == theirs.keys()
     for k in ours:
         np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
@@ -121,3 +125,30 @@ def test_unmerged_model_is_refused_and_bf16_shards_round_trip(case, tmp_path):
     q = back.language_model.layers[0].self_attn.q_proj.kernel.get_value()
     expected = np.asarray(model.language_model.layers[0].self_attn.q_proj.kernel.get_value())
     np.testing.assert_array_equal(np.asarray(q), expected.astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_lora_dropout_only_in_train_mode():
+    from caig_jax.models.lora import lora_train_mode
+    from caig_jax.models.mlp import MLP
+
+    model = MLP(8, 16, 4, 2, rngs=nnx.Rngs(0))
+    apply_lora(model, rank=4, alpha=8.0, dropout=0.5)
+    for i, (_, layer) in enumerate(lora_layers(model)):
+        layer.lora_b.set_value(jax.random.normal(jax.random.key(i), layer.lora_b.get_value().shape))
+    x = jax.random.normal(jax.random.key(9), (3, 8))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def train_forward(state, rng):
+        copy = nnx.merge(graphdef, state)
+        lora_train_mode(copy, rng)
+        return copy(x)
+
+    eval_out = np.asarray(model(x))
+    np.testing.assert_array_equal(eval_out, np.asarray(model(x)))  # evaluation never drops
+    a, b = (np.asarray(train_forward(state, jax.random.key(k))) for k in (1, 2))
+    assert not np.allclose(a, b) and not np.allclose(a, eval_out)  # a fresh mask per rng, in the traced copy only
+    np.testing.assert_array_equal(np.asarray(train_forward(state, jax.random.key(1))), a)
+    np.testing.assert_array_equal(np.asarray(model(x)), eval_out)
+    merge_lora(model)
+    assert rel_err(np.asarray(model(x)), eval_out) < TOL

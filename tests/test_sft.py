@@ -318,20 +318,45 @@ def test_tiny_job_end_to_end_resumes_after_sigterm(small_market, tmp_path):
     from caig_jax.trainers.sft import load_trained
 
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    model, _, _ = load_trained(workdir, mesh)
+    model, _, inputs = load_trained(workdir, mesh)
     exported = llava.from_pretrained(os.path.join(workdir, "export"), mesh=mesh)
     ours = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     theirs = dict(nnx.to_flat_state(nnx.state(exported, nnx.Param)))
     assert ours.keys() == theirs.keys()
     for key in ours:
         np.testing.assert_array_equal(np.asarray(ours[key].get_value()), np.asarray(theirs[key].get_value()))
+    # ... and transformers computes its logits on a held-out conversation (the job's own tokenizer and images).
+    import torch
+    from transformers import LlavaNextForConditionalGeneration
 
-    # A rerun on the finished workdir changes nothing.
-    before = os.path.getmtime(os.path.join(workdir, "report.json"))
-    proc = _launch(workdir, data_dir, steps)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "nothing to do" in out, out[-2000:]
-    assert os.path.getmtime(os.path.join(workdir, "report.json")) == before
+    from caig_jax.data.sft_inputs import ConversationData, read_conversations
+
+    from ._llava_fixtures import TOL, rel_err
+
+    data = ConversationData(read_conversations(data_dir, "val")[:2], inputs, model.config)
+    batch = data.batch([0, 1], int(data.lengths.max()))
+    logits = np.asarray(model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
+                              image_layout=batch["image_layout"]))
+    ref = LlavaNextForConditionalGeneration.from_pretrained(os.path.join(workdir, "export"), dtype=torch.float32)
+    side = model.config.vision_config.image_size
+    with torch.no_grad():
+        theirs = ref.eval()(input_ids=torch.tensor(batch["input_ids"]),
+                            attention_mask=torch.tensor(batch["attention_mask"]),
+                            pixel_values=torch.tensor(batch["pixel_values"]),
+                            image_sizes=torch.tensor([list(data.decoded(i).shape[:2]) for i in (0, 1)])).logits.numpy()
+    assert side == 32 and rel_err(logits, theirs, batch["attention_mask"]) < TOL
+
+    # A rerun on the finished workdir (here in-process, on this process's 8-device mesh) changes nothing.
+    from caig_jax.jobs import sft as sft_job
+    from caig_jax.trainers.sft import read_run_config
+
+    before = {name: os.path.getmtime(os.path.join(workdir, name)) for name in ("report.json", "metrics.jsonl")}
+    config = read_run_config(workdir)
+    del config.workdir
+    config.mesh.data = -1
+    again = sft_job.run(config, workdir)
+    assert again["step"] == steps and again["split"] == "val"
+    assert before == {name: os.path.getmtime(os.path.join(workdir, name)) for name in before}
 
 
 def test_7b_preset_is_caigs_lora_setup_on_llava_next_vicuna_7b():

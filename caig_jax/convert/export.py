@@ -240,7 +240,8 @@ def save_pretrained(
             shape = shape[::-1]
         elif path.endswith("kernel") and len(shape) == 4:
             shape = (shape[3], shape[2], shape[0], shape[1])
-        stored = cast if cast is not None and np.issubdtype(np.dtype(value.dtype), np.floating) else np.dtype(value.dtype)
+        floating = np.issubdtype(np.dtype(value.dtype), np.floating)
+        stored = cast if cast is not None and floating else np.dtype(value.dtype)
         entries.append((key, stored, shape))
     writer = jax.process_index() == 0
     if writer:

@@ -28,7 +28,10 @@ it). Every process computes the same global batch and keeps its own rows (`batch
 
 Images are held as their encoded bytes (one copy per distinct image: a product's cut-out serves all its
 conversations) and decoded + preprocessed on first use, then cached (`image_cache` entries): for data that fit
-in host memory as encoded images.
+in host memory as encoded images. Training rows may be augmented (`Augment`: flips, shrink, shift; colours never).
+
+The training mixture: `select_by_logged_ctr` keeps each product's best background prompts by the logs' clicks /
+impressions; `weight_families` repeats a family's conversations.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ TEMPLATES: dict[str, ConversationTemplate] = {"vicuna_v1": VICUNA_V1, "llava_v1"
 class Conversation:
     """One example of `llava_conversations`.
 
-    turns: [{'role': 'user'|'assistant', 'content': str}, ...] (the user's first turn holds `<image>`).
+    turns: ((role, text), ...) with role 'user' | 'assistant', alternating from the user (whose first turn holds
+      `<image>`); `messages` gives them as {'role', 'content'} dicts.
     family: the task family, the source file's name without `_<split>.json` (`describe_product`, ...).
     product: the id before the first `_` (the marketplace's `item00012_03_prompt` -> `item00012`).
     image: the encoded image (PNG bytes) or None; image_key: a digest of those bytes (shared images share it).
@@ -185,7 +189,8 @@ def build_inputs(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
     template = TEMPLATES[config.data.template]
     if config.model.pretrained:
         llava_config = read_llava_config(config.model.pretrained)[0]
-        return LlavaInputs.from_pretrained(config.model.pretrained, config=llava_config, template=template), llava_config
+        inputs = LlavaInputs.from_pretrained(config.model.pretrained, config=llava_config, template=template)
+        return inputs, llava_config
     from transformers import AutoTokenizer
 
     tok_dir = os.path.join(workdir, "tokenizer")
@@ -245,17 +250,17 @@ class Augment:
 
         h, w = image.shape[:2]
         fx = -1.0 if self.flip else 1.0
-        m = np.array([[self.scale * fx, 0.0, w / 2 * (1 - self.scale * fx) + self.dx * w],
-                      [0.0, self.scale, h / 2 * (1 - self.scale) + self.dy * h]], np.float32)
+        cx, cy = (w - 1) / 2, (h - 1) / 2  # OpenCV's pixel centres are at integer coordinates
+        m = np.array([[self.scale * fx, 0.0, cx * (1 - self.scale * fx) + self.dx * w],
+                      [0.0, self.scale, cy * (1 - self.scale) + self.dy * h]], np.float32)
         return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
 
 
 class ConversationData:
     """Conversations tokenised once (unpadded int32 arrays), with lazily decoded, cached images.
 
-    `tokens[i]` / `loss_masks[i]`: int32[L_i]; `lengths`: int64[N]; `example(i)` and `batch(indices, length)`
-    build padded model inputs. `upto_turn` (default: all) keeps only that many user turns per conversation
-    (prompts for generation come from `Conversation.prompt_turns` instead).
+    `tokens[i]` / `loss_masks[i]`: int32[L_i]; `lengths`: int64[N]; `batch(indices, length)` builds padded model
+    inputs (prompts for generation come from `Conversation.prompt_turns` and `LlavaInputs.prompts` instead).
     """
 
     def __init__(self, records: Sequence[Conversation], inputs: LlavaInputs, llava_config: LlavaConfig, *,
@@ -265,7 +270,8 @@ class ConversationData:
             raise DataError("no conversations to train or evaluate on")
         self.inputs, self.llava_config = inputs, llava_config
         self.pad_id = pad_token_id(inputs.tokenizer)
-        self._cache: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[tuple[str, bool], tuple[np.ndarray, np.ndarray]]
+        self._cache = collections.OrderedDict()
         self._decoded: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self.image_cache = image_cache
         self.max_patches = llava_config.max_patches
@@ -279,8 +285,9 @@ class ConversationData:
                 if r.image_key not in sizes:
                     sizes[r.image_key] = image_size(r.image)
                 counts = [num_image_tokens(*sizes[r.image_key], inputs.spec)]
-            ex = tokenize_conversation(inputs.tokenizer, r.messages, counts, image_token_index=inputs.spec.image_token_index,
-                                       template=inputs.template, image_token=inputs.image_token)
+            ex = tokenize_conversation(inputs.tokenizer, r.messages, counts,
+                                       image_token_index=inputs.spec.image_token_index, template=inputs.template,
+                                       image_token=inputs.image_token)
             self.tokens.append(ex["input_ids"])
             self.loss_masks.append(ex["loss_mask"])
         self.lengths = np.asarray([len(t) for t in self.tokens], np.int64)
@@ -302,26 +309,30 @@ class ConversationData:
 
     def pixels(self, i: int, augment: Augment | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(pixel_values float32[P, 3, S, S], image_layout int32[7]) of example i (zeros for a text-only one),
-        of its image transformed by `augment` first (before tiling, so an anyres grid moves as a whole).
-        Unaugmented results are cached."""
+        of its image transformed by `augment` first (before tiling, so an anyres grid moves as a whole). The
+        plain and the mirrored image are cached; shrunk / shifted ones are computed every time."""
         r = self.records[i]
         side = self.llava_config.vision_config.image_size
         if r.image is None:
             pv = np.zeros((self.max_patches, 3, side, side), np.float32)
             return pv, layout_for(self.llava_config, [(side, side)])[0].astype(np.int32)
-        plain = augment is None or augment.is_identity
-        if plain and r.image_key in self._cache:
-            self._cache.move_to_end(r.image_key)
-            return self._cache[r.image_key]
+        flip_only = augment is None or dataclasses.replace(augment, flip=False).is_identity
+        key = (r.image_key, augment is not None and augment.flip)
+        if flip_only and key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
         image = self.decoded(i)
-        if not plain:
+        if flip_only:
+            image = np.ascontiguousarray(image[:, ::-1]) if key[1] else image  # == Augment(flip=True).apply
+        else:
             image = augment.apply(image)
         out = self.inputs.image_processor([image], pad_patches_to=self.max_patches)
-        value = (out["pixel_values"][0].astype(np.float32), layout_for(self.llava_config, out["image_sizes"])[0].astype(np.int32))
-        if plain:
+        value = (out["pixel_values"][0].astype(np.float32),
+                 layout_for(self.llava_config, out["image_sizes"])[0].astype(np.int32))
+        if flip_only:
             for v in value:
                 v.flags.writeable = False
-            self._cache[r.image_key] = value
+            self._cache[key] = value
             if len(self._cache) > self.image_cache:
                 self._cache.popitem(last=False)
         return value
@@ -338,7 +349,8 @@ class ConversationData:
         for row, i in enumerate(indices):
             t = self.tokens[i]
             if len(t) > length:
-                raise ValueError(f"conversation {self.records[i].id} is {len(t)} tokens, longer than its bucket {length}")
+                raise ValueError(f"conversation {self.records[i].id} is {len(t)} tokens, longer than its bucket "
+                                 f"{length}")
             ids[row, : len(t)] = t
             attention[row, : len(t)] = 1
             loss[row, : len(t)] = self.loss_masks[i]

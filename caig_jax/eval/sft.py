@@ -60,19 +60,17 @@ TARGETS = {
 # ================================================================================================
 # Parsing replies.
 # ================================================================================================
-@functools.lru_cache(maxsize=1)
-def _vocabulary_regex() -> re.Pattern:
-    phrases = sorted({p for ps in market_lib.VOCABULARY.values() for p in ps}, key=len, reverse=True)
-    return re.compile(r"\b(" + "|".join(re.escape(p) for p in phrases) + r")\b")
-
-
 def parses_fully(prompt: str) -> bool:
-    """True when the prompt is made only of vocabulary phrases (`market.VOCABULARY`, case-insensitive) separated
-    by spaces and commas, with at least one phrase: nothing the painter would ignore."""
-    text = prompt.lower()
-    matches = list(_vocabulary_regex().finditer(text))
-    rest = _vocabulary_regex().sub(" ", text)
-    return bool(matches) and re.fullmatch(r"[\s,]*", rest) is not None
+    """True when the world's parser (`market.parse_prompt`) finds at least one descriptor and the prompt holds
+    nothing else: every occurrence of the phrases it found removed (longest first, whole words, case-insensitive),
+    only spaces and commas are left. Words the painter would ignore make it False."""
+    found = market_lib.parse_prompt(prompt).descriptors()
+    if not found:
+        return False
+    rest = prompt.lower()
+    for phrase in sorted(found, key=len, reverse=True):
+        rest = re.sub(r"\b" + re.escape(phrase) + r"\b", " ", rest)
+    return re.fullmatch(r"[\s,]*", rest) is not None
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,7 +112,8 @@ class MarketTruth:
             entries = json.load(f)
         products, paths, splits = {}, {}, {}
         for e in entries:
-            products[e["id"]] = market_lib.Product(e["id"], e["category"], e["new_caption"], dict(e["attributes"]), seed)
+            products[e["id"]] = market_lib.Product(e["id"], e["category"], e["new_caption"], dict(e["attributes"]),
+                                                   seed)
             paths[e["id"]] = os.path.join(market_dir, "products", e["image"])
             splits[e["id"]] = e.get("split", "")
         oracle = {}

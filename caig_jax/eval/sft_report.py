@@ -3,9 +3,10 @@
     write_sft_report(result, out_dir, title=..., split="test", truth=truth, notes=[...], metrics_jsonl=...)
 
 `result` is `caig_jax.eval.sft.evaluate_prompt_model`'s dict. The grid has one row per held-out product (up to
-`grid_rows`): the cut-out, then the ads of the PM's greedy prompt, its first T=1.0 sample, a random on-brief
-prompt and the oracle prompt, each rendered by the marketplace painter (`market.compose_ad`, `grid_size` px,
-seed 0) and captioned with its prompt and true CTR.
+`rows`): the cut-out with its title, then the ads of the PM's greedy prompt, its first T=1.0 sample, a random
+on-brief prompt and the oracle prompt, each painted by the marketplace painter (`market.compose_ad`, `size` px,
+the evaluation's seed) and captioned with its prompt and its true CTR as the evaluation scores it (the render
+size of `result`, 32 px by default: the click model's resolution).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from caig_jax.data import market as market_lib
+from caig_jax.data import world as world_lib
 from caig_jax.eval import plots as plot_lib
 from caig_jax.eval.reward_accuracy import to_jsonable
 from caig_jax.eval.sft import MarketTruth
@@ -66,13 +68,14 @@ def report_markdown(result: Mapping[str, Any], *, title: str, split: str, notes:
     if p:
         lines += ["", f"## Background prompts ({p['products']} products; greedy and {p['samples_per_product']} "
                   f"samples at T={p['temperature']} each)", "",
-                  f"- prompts that parse fully into the world's vocabulary: greedy **{_ci_pct(p['greedy_parse_rate'])}**,"
-                  f" sampled {_ci_pct(p['sampled_parse_rate'])}"]
+                  "- prompts that parse fully into the world's vocabulary: greedy "
+                  f"**{_ci_pct(p['greedy_parse_rate'])}**, sampled {_ci_pct(p['sampled_parse_rate'])}"]
         ctr = p.get("true_ctr")
         if ctr:
             r = ctr["render"]
             lines += ["", f"True CTR of the ads the marketplace painter renders from each prompt ({r['size']} px, seed "
-                      f"{r['seed']}, as the world report scores prompts); per product, then the mean over products:", "",
+                      f"{r['seed']}, as the world report scores prompts); per product, then the mean over "
+                      "products:", "",
                       "| prompts | mean true CTR [95% CI] |", "|---|---|",
                       f"| random on-brief ({r['on_brief_prompts_per_product']} per product) | "
                       f"{_ctr(ctr['random_on_brief'])} |",
@@ -80,11 +83,12 @@ def report_markdown(result: Mapping[str, Any], *, title: str, split: str, notes:
                       f"| PM, greedy | {_ctr(ctr['greedy'])} |"]
             if "oracle" in ctr:
                 lines.append(f"| per-product oracle prompt (world report) | {_ctr(ctr['oracle'])} |")
-            lines += ["", f"- PM samples minus random on-brief (paired per product): {_ctr(ctr['sampled_minus_on_brief'], 5)}"
-                      f" (ratio of means {ctr['sampled_over_on_brief']:.3f})",
+            lines += ["", "- PM samples minus random on-brief (paired per product): "
+                      f"{_ctr(ctr['sampled_minus_on_brief'], 5)} (ratio of means {ctr['sampled_over_on_brief']:.3f})",
                       f"- PM greedy minus random on-brief: {_ctr(ctr['greedy_minus_on_brief'], 5)}"]
             if "sampled_gap_closed" in ctr:
-                lines.append(f"- share of the on-brief -> oracle gap the samples close: {ctr['sampled_gap_closed']:.2f}")
+                lines.append("- share of the on-brief -> oracle gap the samples close: "
+                             f"{ctr['sampled_gap_closed']:.2f}")
         lines += ["", "| product | greedy prompt | a T=1.0 sample | parses (greedy) |", "|---|---|---|---|"]
         for e in p["per_product"][:8]:
             lines.append(f"| {e['product']} | {e['greedy']} | {e['samples'][0] if e['samples'] else ''} | "
@@ -125,6 +129,7 @@ def _captioned(tile: np.ndarray, caption: str, width_chars: int, lines: int = 4)
 def prompt_grid(result: Mapping[str, Any], truth: MarketTruth, path: str, *, rows: int = 8, size: int = 128) -> str:
     """PNG grid (see the module docstring) of the first `rows` products with known truth; returns `path`."""
     entries = [e for e in result.get("prompts", {}).get("per_product", []) if "greedy_ctr" in e][:rows]
+    render = result["prompts"]["true_ctr"]["render"]
     if not entries:
         raise ValueError("no evaluated product with a known true CTR to draw")
     grid_rows = []
@@ -144,9 +149,9 @@ def prompt_grid(result: Mapping[str, Any], truth: MarketTruth, path: str, *, row
             if prompt is None:
                 tiles.append(_captioned(np.full((size, size, 3), 255, np.uint8), f"{name}: -", chars))
                 continue
-            ad = market_lib.compose_ad(rgba, prompt, size, seed=0)
-            if ctr is None:
-                ctr = market_lib.true_ctr(ad, truth.products[e["product"]])
+            ad = market_lib.compose_ad(rgba, prompt, size, seed=render["seed"])
+            if ctr is None:  # scored as the evaluation scores every prompt (its render size and seed)
+                ctr = world_lib.prompt_ctr(prompt, truth.products[e["product"]], render["size"], render["seed"])
             tiles.append(_captioned(ad, f"{name} ({100 * ctr:.2f}%): {prompt}", chars))
         row = np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], axis=1)
         grid_rows.append(row)

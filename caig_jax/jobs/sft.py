@@ -187,7 +187,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with open(report_path) as f:
             previous = json.load(f)
         if previous.get("step") == step and previous.get("split") == config.eval.split:
-            log.info("%s already holds the step-%d evaluation on %r: nothing to do", report_path, step, config.eval.split)
+            log.info("%s already holds the step-%d evaluation on %r: nothing to do", report_path, step,
+                     config.eval.split)
             return previous
 
     # -- held-out evaluation (config.eval.split: `val` while tuning, `test` once at the end) ------------------

@@ -60,5 +60,6 @@ def generate_replies(model: LlavaModel, inputs: LlavaInputs, images: Sequence[An
         tokens = generate(model, part["input_ids"], part.get("pixel_values"), part.get("image_sizes"),
                           part["attention_mask"], max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, seed=int(np.random.default_rng([seed, k]).integers(2**31)))
-        replies += decode_replies(inputs.tokenizer, np.asarray(tokens), config.eos_token_ids)[: min(batch_size, n - start)]
+        texts = decode_replies(inputs.tokenizer, np.asarray(tokens), config.eos_token_ids)
+        replies += texts[: min(batch_size, n - start)]
     return replies
