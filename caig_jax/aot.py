@@ -251,8 +251,15 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Job config, `configs/NAME.py[:PRESET]`.", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", "v5p-128", "TPU slice name or libtpu topology.")
+_FLAGS: dict = {}
+
+
+def _define_flags() -> None:
+    """The command line's flags, defined only when run as a program: `caig_jax.main` defines `--config` too, and
+    both modules may be imported into one process (tests, notebooks)."""
+    _FLAGS["config"] = config_flags.DEFINE_config_file("config", None, "Job config, `configs/NAME.py[:PRESET]`.",
+                                                       lock_config=True)
+    _FLAGS["topology"] = flags.DEFINE_string("topology", "v5p-128", "TPU slice name or libtpu topology.")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -265,7 +272,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv) -> None:
     del argv
     try:
-        result = analyse(_CONFIG.value, _TOPOLOGY.value)
+        result = analyse(_FLAGS["config"].value, _FLAGS["topology"].value)
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
@@ -275,4 +282,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main, flags_parser=_parse_flags)
