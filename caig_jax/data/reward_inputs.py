@@ -129,7 +129,8 @@ class RewardInputBatches:
 
     Each batch: input_ids / attention_mask int32[B, T] (T = max_len, right padded), pixel_values
     float32[B, P, 3, S, S], image_layout int32[B, 7], label int32[B], ctr float32[B, 2]; with `keep_meta`, also
-    true_ctr float32[B, 2] and category / item_id / left_id / right_id arrays (for evaluation only: text never goes to devices).
+    true_ctr float32[B, 2] and category / item_id / left_id / right_id arrays (for evaluation only: text never goes
+    to devices).
     Image processing and tokenisation run on the host while the devices compute the previous step
     (`prefetch` batches ahead); `get_state()` is the wrapped stream's position *after the last batch handed
     out*, so a checkpoint never skips or repeats a batch.

@@ -91,7 +91,8 @@ def evaluate(
         process's rows of the batch, in order (`caig_jax.models.reward.predict_batch`, or a baseline's).
       model: whatever `predict_fn` takes.
       batches: this process's numpy batches (keys 'label', 'ctr', model inputs, optional 'true_ctr',
-        'category', 'index', 'item_id', 'left_id', 'right_id'); any sizes, and processes may hold different numbers of batches.
+        'category', 'index', 'item_id', 'left_id', 'right_id'); any sizes, and processes may hold different
+        numbers of batches.
       mesh: the device mesh; batches are padded to a multiple of this process's batch shards (and to the
         size every process agrees on for the step) and pad rows are dropped from the results.
       predictions_path: when given, this process writes its own rows' predictions (and labels, CTRs,

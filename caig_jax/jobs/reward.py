@@ -37,10 +37,10 @@ from caig_jax.errors import MissingPathError
 from caig_jax.data.loader import reward_batches
 from caig_jax.data.market_datasets import build_world
 from caig_jax.data.reward_inputs import RewardInputBatches, build_inputs, pair_batches, train_source
+from caig_jax.errors import UserError
 from caig_jax.eval import reward_accuracy
 from caig_jax.eval.pairwise import evaluate
 from caig_jax.eval.report import write_report
-from caig_jax.errors import UserError
 from caig_jax.files import write_json_atomic
 from caig_jax.models.reward import predict_batch
 from caig_jax.trainers.reward import build_model, make_loss_fn
@@ -272,8 +272,9 @@ def validation_report(config, workdir: str, trained, data_dir: str, mesh) -> dic
     if jax.process_index() == 0:
         out = os.path.join(workdir, "validation")
         sections = {"Ablation: point_weight (same data, same seed)": reward_accuracy.compare_runs(results)}
-        write_report(main, out, title=f"Reward model on the {config.data.val_split!r} split (tuning run: test not read)",
-                     extra_sections=sections, metrics_jsonl=os.path.join(workdir, "metrics.jsonl"))
+        title = f"Reward model on the {config.data.val_split!r} split (tuning run: test not read)"
+        write_report(main, out, title=title, extra_sections=sections,
+                     metrics_jsonl=os.path.join(workdir, "metrics.jsonl"))
         write_json_atomic(os.path.join(out, "report_ablation.json"),
                           reward_accuracy.to_jsonable({k: dict(v) for k, v in results.items()}))
         _summary(main)
