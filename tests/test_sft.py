@@ -17,7 +17,7 @@ from flax import nnx
 from caig_jax.data import sft_inputs
 from caig_jax.data.ctr_logs import Creative
 from caig_jax.data.sft_inputs import Conversation, SFTBatches, bucket_lengths, select_by_logged_ctr
-from caig_jax.eval.bootstrap import product_bootstrap
+from caig_jax.eval.intervals import product_bootstrap
 from caig_jax.eval.sft import parse_description, parses_fully
 from caig_jax.models.processing import VICUNA_V1, build_word_tokenizer, tokenize_conversation
 from caig_jax.objectives.sft import sft_loss

@@ -8,6 +8,7 @@ statistic on each resample and returns the percentile interval (DESIGN.md sectio
 
     lo, hi = clustered_bootstrap(lambda rows: correct[rows].mean(), products)      # any statistic of rows
     lo, hi = clustered_mean_interval(correct, products)                            # the same, vectorised
+    product_bootstrap(per_product_values[, per_product_denominators])               # one entry per product
 
 Both draw the same resamples for the same `seed`, so they give the same interval for a mean.
 """
@@ -96,7 +97,35 @@ def clustered_mean_interval(
         raise ValueError(f"values ({values.shape[0]}) and clusters ({codes.shape[0]}) must have one entry per row")
     sums = np.bincount(codes, weights=values, minlength=k)
     counts = np.bincount(codes, minlength=k).astype(np.float64)
+    return _ratio_interval(sums, counts, num_resamples, level, seed)
+
+
+def _ratio_interval(sums: np.ndarray, counts: np.ndarray, num_resamples: int, level: float, seed: int
+                    ) -> tuple[float, float]:
+    """Percentile interval of sum(sums) / sum(counts) over clusters resampled with `_draws`."""
+    k = sums.shape[0]
     draws = _draws(k, num_resamples, seed)
     times = np.zeros((num_resamples, k))
     np.add.at(times, (np.arange(num_resamples)[:, None], draws), 1.0)
-    return _percentiles(times @ sums / (times @ counts), level)
+    den = times @ counts
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _percentiles(times @ sums / np.where(den > 0, den, np.nan), level)
+
+
+def product_bootstrap(values: Sequence[float] | np.ndarray, denominators: Sequence[float] | np.ndarray | None = None,
+                      *, resamples: int = 2000, level: float = DEFAULT_LEVEL, seed: int = 0
+                      ) -> dict[str, float | int]:
+    """Point estimate and clustered interval of `sum(values) / sum(denominators)` (default: the mean) when each
+    entry is already one product's number (a product's mean CTR, or its correct tokens over its tokens).
+
+    Returns `{"mean", "ci_low", "ci_high", "n_products"}`; NaN everywhere for no products.
+    """
+    num = np.asarray(values, np.float64).reshape(-1)
+    den = np.ones_like(num) if denominators is None else np.asarray(denominators, np.float64).reshape(-1)
+    if num.shape != den.shape:
+        raise ValueError(f"{num.shape[0]} values but {den.shape[0]} denominators")
+    n = num.shape[0]
+    if n == 0 or den.sum() <= 0:
+        return {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n_products": int(n)}
+    low, high = _ratio_interval(num, den, resamples, level, seed)
+    return {"mean": float(num.sum() / den.sum()), "ci_low": low, "ci_high": high, "n_products": int(n)}

@@ -17,7 +17,7 @@ What is measured on the conversations of a held-out split (`data`, a `caig_jax.d
   prompts per product (`market.sample_prompt(rng, category)`) and the per-product oracle prompt of the world
   report.
 
-Intervals resample products (`caig_jax.eval.bootstrap.product_bootstrap`): a product's conversations, samples
+Intervals resample products (`caig_jax.eval.intervals.product_bootstrap`): a product's conversations, samples
 and baselines move together; differences are paired per product.
 """
 
@@ -40,7 +40,7 @@ from caig_jax import parallel
 from caig_jax.data import market as market_lib
 from caig_jax.data import world as world_lib
 from caig_jax.data.sft_inputs import ConversationData, decode_image, eval_batches
-from caig_jax.eval.bootstrap import product_bootstrap
+from caig_jax.eval.intervals import product_bootstrap
 from caig_jax.models.llava import LlavaModel
 from caig_jax.models.processing import LlavaInputs
 from caig_jax.models.prompt_model import generate_replies

@@ -42,7 +42,7 @@ from caig_jax.data.preference_inputs import corrupt, instruction, sequence_batch
 from caig_jax.data.reward_inputs import build_inputs as build_rm_inputs
 from caig_jax.data.sft_inputs import decode_image
 from caig_jax.errors import UserError
-from caig_jax.eval.bootstrap import product_bootstrap
+from caig_jax.eval.intervals import product_bootstrap
 from caig_jax.eval.grids import write_grid
 from caig_jax.eval.sft import MarketTruth
 from caig_jax.files import save_npz_atomic, write_atomic, write_json_atomic
