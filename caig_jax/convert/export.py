@@ -28,6 +28,7 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from caig_jax.convert.clip import sources_from_sections
 from caig_jax.convert.llava import TRANSFORMERS, llava_sections
@@ -163,8 +164,6 @@ def flax_to_torch(path: str, array: np.ndarray) -> np.ndarray:
 def _host_value(x: jax.Array) -> np.ndarray:
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 

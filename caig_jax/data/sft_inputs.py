@@ -45,10 +45,13 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import cv2
 import jax
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 from PIL import Image
+from transformers import AutoTokenizer
 
 from caig_jax.data.builders import _common
 from caig_jax.data.ctr_logs import DataError
@@ -117,8 +120,6 @@ def family_of(source: str, split: str) -> str:
 
 def read_conversations(data_dir: str, split: str, config_name: str | None = None) -> list[Conversation]:
     """Every conversation of one split of the TFDS `llava_conversations` dataset (images left encoded)."""
-    import tensorflow_datasets as tfds
-
     builder = _common.load_builder(data_dir, "llava_conversations", config_name)
     if split not in builder.info.splits:
         raise DataError(f"{builder.data_dir}: no split {split!r}; available: {sorted(builder.info.splits)}")
@@ -191,8 +192,6 @@ def build_inputs(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
         llava_config = read_llava_config(config.model.pretrained)[0]
         inputs = LlavaInputs.from_pretrained(config.model.pretrained, config=llava_config, template=template)
         return inputs, llava_config
-    from transformers import AutoTokenizer
-
     tok_dir = os.path.join(workdir, "tokenizer")
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
@@ -246,8 +245,6 @@ class Augment:
                    dx=float(max_shift * (2 * rng.random() - 1)), dy=float(max_shift * (2 * rng.random() - 1)))
 
     def apply(self, image: np.ndarray) -> np.ndarray:
-        import cv2
-
         h, w = image.shape[:2]
         fx = -1.0 if self.flip else 1.0
         cx, cy = (w - 1) / 2, (h - 1) / 2  # OpenCV's pixel centres are at integer coordinates

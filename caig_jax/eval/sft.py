@@ -39,6 +39,7 @@ from flax import nnx
 from caig_jax import parallel
 from caig_jax.data import market as market_lib
 from caig_jax.data import world as world_lib
+from caig_jax.data.product import load_product_image
 from caig_jax.data.sft_inputs import ConversationData, decode_image, eval_batches
 from caig_jax.eval.intervals import product_bootstrap
 from caig_jax.models.llava import LlavaModel
@@ -124,8 +125,6 @@ class MarketTruth:
         return cls(market_dir, products, paths, splits, oracle)
 
     def cutout(self, product_id: str) -> np.ndarray:
-        from caig_jax.data.product import load_product_image
-
         return load_product_image(self.image_paths[product_id])
 
 

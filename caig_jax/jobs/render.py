@@ -31,7 +31,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from PIL import Image
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+from transformers import CLIPTokenizer
 
 import caig_jax.render as render
 from caig_jax import parallel
@@ -112,8 +114,6 @@ def tiny_clip_tokenizer():
 
     Ids: 0 = <|startoftext|>, 1 = <|endoftext|> (also the pad token, as SD-1.5's), then 512 byte tokens.
     """
-    from transformers import CLIPTokenizer
-
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for ch in _bytes_to_unicode().values():
         vocab[ch] = len(vocab)
@@ -225,8 +225,6 @@ def _safe_name(text: str) -> str:
 
 def contact_sheet(rows: list[list[np.ndarray]], labels: list[str], pad: int = 4, label_h: int = 14) -> np.ndarray:
     """Grid of uint8[R, R, 3] images, one row per product (ragged rows are padded white), label above each row."""
-    from PIL import ImageDraw
-
     res = rows[0][0].shape[0]
     cols = max(len(r) for r in rows)
     height = len(rows) * (res + label_h + pad) + pad
@@ -298,8 +296,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Renders every (product, prompt) of `config.products`; see the module docstring for the outputs."""
-    from tqdm import tqdm
-
     validate(config)
     os.makedirs(workdir, exist_ok=True)
     # ---- products first: every input problem surfaces before any model is loaded.
