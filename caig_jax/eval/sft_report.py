@@ -12,16 +12,16 @@ size of `result`, 32 px by default: the click model's resolution).
 from __future__ import annotations
 
 import os
-import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from caig_jax.data import market as market_lib
 from caig_jax.data import world as world_lib
 from caig_jax.eval import plots as plot_lib
+from caig_jax.eval.grids import captioned
 from caig_jax.eval.reward_accuracy import to_jsonable
 from caig_jax.eval.sft import MarketTruth
 from caig_jax.files import write_atomic, write_json_atomic
@@ -109,23 +109,6 @@ def report_markdown(result: Mapping[str, Any], *, title: str, split: str, notes:
 # ------------------------------------------------------------------------------------------------ grid
 
 
-def _font(size: int = 10):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # older Pillow: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _captioned(tile: np.ndarray, caption: str, width_chars: int, lines: int = 4) -> np.ndarray:
-    h, w = tile.shape[:2]
-    band = Image.new("RGB", (w, 12 * lines + 4), (255, 255, 255))
-    draw = ImageDraw.Draw(band)
-    wrapped = textwrap.wrap(caption, width_chars)[:lines]
-    for k, line in enumerate(wrapped):
-        draw.text((2, 2 + 12 * k), line, fill=(0, 0, 0), font=_font())
-    return np.concatenate([tile, np.asarray(band)], axis=0)
-
-
 def prompt_grid(result: Mapping[str, Any], truth: MarketTruth, path: str, *, rows: int = 8, size: int = 128) -> str:
     """PNG grid (see the module docstring) of the first `rows` products with known truth; returns `path`."""
     entries = [e for e in result.get("prompts", {}).get("per_product", []) if "greedy_ctr" in e][:rows]
@@ -140,19 +123,19 @@ def prompt_grid(result: Mapping[str, Any], truth: MarketTruth, path: str, *, row
         alpha = placed[..., 3:].astype(np.float32) / 255.0
         cut = (placed[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
         title = truth.products[e["product"]].title
-        tiles = [_captioned(cut, f"{e['product']}: {title}", chars)]
+        tiles = [captioned(cut, f"{e['product']}: {title}", chars)]
         columns = [("PM greedy", e["greedy"], e["greedy_ctr"]),
                    ("PM T=1", e["samples"][0], e["sample_ctrs"][0]),
                    ("on-brief", e["on_brief_example"], None),
                    ("oracle", e.get("oracle_prompt"), e.get("oracle_ctr"))]
         for name, prompt, ctr in columns:
             if prompt is None:
-                tiles.append(_captioned(np.full((size, size, 3), 255, np.uint8), f"{name}: -", chars))
+                tiles.append(captioned(np.full((size, size, 3), 255, np.uint8), f"{name}: -", chars))
                 continue
             ad = market_lib.compose_ad(rgba, prompt, size, seed=render["seed"])
             if ctr is None:  # scored as the evaluation scores every prompt (its render size and seed)
                 ctr = world_lib.prompt_ctr(prompt, truth.products[e["product"]], render["size"], render["seed"])
-            tiles.append(_captioned(ad, f"{name} ({100 * ctr:.2f}%): {prompt}", chars))
+            tiles.append(captioned(ad, f"{name} ({100 * ctr:.2f}%): {prompt}", chars))
         row = np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0)), constant_values=255) for t in tiles], axis=1)
         grid_rows.append(row)
     grid = np.concatenate(grid_rows, axis=0)
