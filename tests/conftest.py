@@ -20,6 +20,19 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _attention_override(monkeypatch):
+    """`CAIG_TEST_ATTENTION=chunked pytest tests/test_llama.py` runs every attention call of the models under test
+    with that implementation, so the parity tests check each implementation at their own tolerances."""
+    impl = os.environ.get("CAIG_TEST_ATTENTION")
+    if impl:
+        from caig_jax.models import attention
+
+        original = attention.attention
+        monkeypatch.setattr(attention, "attention", lambda q, k, v, mask=None, *, impl_=None, **kw: original(
+            q, k, v, mask, **{**kw, "impl": impl}))
+
+
 @pytest.fixture(scope="session")
 def devices():
     devs = jax.devices()

@@ -26,8 +26,7 @@ from transformers import CLIPConfig as HFCLIPConfig
 from transformers import CLIPTextConfig as HFCLIPTextConfig
 from transformers import CLIPVisionConfig as HFCLIPVisionConfig
 
-from caig_jax.models import layers
-from caig_jax.models.llama import grouped_query_attention
+from caig_jax.models import attention, layers
 
 # ------------------------------------------------------------------------------------------------ configs
 
@@ -136,12 +135,13 @@ class CLIPAttention(nnx.Module):
         self.v_proj = layers.linear(width, width, (width_axis, "heads"), **kw)
         self.q_proj = layers.linear(width, width, (width_axis, "heads"), **kw)
         self.out_proj = layers.linear(width, width, ("heads", width_axis), **kw)
+        self.attention_impl = "xla"  # `attention.set_attention` picks another implementation
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: attention.Mask | None) -> jax.Array:
         batch, length, _ = x.shape
         shape = (batch, length, self.num_heads, self.head_dim)
         q, k, v = self.q_proj(x).reshape(shape), self.k_proj(x).reshape(shape), self.v_proj(x).reshape(shape)
-        return self.out_proj(grouped_query_attention(q, k, v, mask))
+        return self.out_proj(attention.attention(q, k, v, mask, impl=self.attention_impl))
 
 
 class CLIPMLP(nnx.Module):
@@ -337,10 +337,7 @@ class CLIPTextModel(nnx.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         x = self.embeddings(input_ids, jnp.asarray(position_ids, jnp.int32)).astype(self.dtype)
-        mask = jnp.tril(jnp.ones((length, length), jnp.bool_))[None]
-        if attention_mask is not None:
-            mask = mask & jnp.asarray(attention_mask).astype(jnp.bool_)[:, None, :]
-        mask = jnp.broadcast_to(mask, (batch, length, length))
+        mask = attention.causal_mask(batch, length, attention_mask)
         x, hidden_states = self.encoder(x, mask, collect=output_hidden_states)
         last = self.final_layer_norm(x)
         eos = self.config.eos_token_id

@@ -34,11 +34,7 @@ import numpy as np
 from flax import nnx
 from transformers import LlamaConfig as HFLlamaConfig
 
-from caig_jax.models import layers
-
-# Large negative logit for masked attention entries. Finite (not -inf) so that a query row with no visible key
-# (a left-pad position) yields a finite, ignored output instead of NaN.
-_MASK_VALUE = float(np.finfo(np.float32).min)
+from caig_jax.models import attention, layers
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
@@ -189,27 +185,6 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.where(mask == 0, 1, positions).astype(jnp.int32)
 
 
-def grouped_query_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, scale: float | None = None
-) -> jax.Array:
-    """Softmax attention with `kv_heads <= heads` (GQA; plain multi-head when equal).
-
-    q: `[B, T, H, Dh]`; k, v: `[B, S, KVH, Dh]`; mask: bool `[B, T, S]` (True = may attend) or None.
-    Scores and softmax are float32 whatever the compute dtype. Returns `[B, T, H * Dh]` in q's dtype.
-    """
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    groups = heads // kv_heads
-    scale = head_dim**-0.5 if scale is None else scale
-    q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(batch, q_len, heads * head_dim)
-
-
 # ------------------------------------------------------------------------------------------------ modules
 
 
@@ -236,6 +211,7 @@ class LlamaAttention(nnx.Module):
         self.k_proj = layers.linear(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"), **kw)
         self.v_proj = layers.linear(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"), **kw)
         self.o_proj = layers.linear(c.num_attention_heads * c.head_dim, c.hidden_size, ("heads", "embed"), **kw)
+        self.attention_impl = "xla"  # `attention.set_attention` picks another implementation
 
     def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None, query_index=None):
         """x `[B, T, D]`; returns (`[B, T, D]`, updated `(k, v)` cache or None).
@@ -248,7 +224,7 @@ class LlamaAttention(nnx.Module):
         k = apply_rope(k, cos, sin)
         if query_index is not None:
             x, cos, sin = (jnp.take_along_axis(a, query_index[:, :, None], axis=1) for a in (x, cos, sin))
-            mask = jnp.take_along_axis(mask, query_index[:, :, None], axis=1)
+            mask = mask.take_queries(query_index)
         q = self.q_proj(x).reshape(batch, x.shape[1], self.num_heads, self.head_dim)
         q = apply_rope(q, cos, sin)
         if kv_cache is not None:
@@ -257,7 +233,7 @@ class LlamaAttention(nnx.Module):
             v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
             kv_cache = (k_cache, v_cache)
             k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-        out = grouped_query_attention(q, k, v, mask)
+        out = attention.attention(q, k, v, mask, impl=self.attention_impl)
         return self.o_proj(out), kv_cache
 
 
@@ -352,8 +328,7 @@ class LlamaForCausalLM(nnx.Module):
         if kv_mask is None:
             kv_mask = jnp.ones((batch, key_len), jnp.bool_)
         query_slots = jnp.asarray(cache_index, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
-        causal = jnp.arange(key_len, dtype=jnp.int32)[None, :] <= query_slots[:, None]
-        mask = causal[None, :, :] & kv_mask.astype(jnp.bool_)[:, None, :]
+        mask = attention.Mask(jnp.broadcast_to(query_slots, (batch, length)), kv_mask.astype(jnp.bool_))
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
         x = inputs_embeds.astype(self.dtype)
         new_cache = []

@@ -1,0 +1,356 @@
+"""One attention switch for the LLM, the CLIP towers and the renderer.
+
+    attention(q, k, v, mask, impl=...) -> [B, T, H * Dh]
+
+q `[B, T, H, Dh]`, k and v `[B, S, KVH, Dh]` with `H % KVH == 0` (grouped-query attention; plain multi-head when
+equal). Which keys a query sees is a `Mask`: a causal rule on key slots (`q_positions`, the slot of each query,
+which also covers a KV cache's offset and a reward head's gathered rows) and key padding (`kv_valid`). Keeping
+the mask structured, not a dense `[B, T, S]` array, is what lets the blocked kernels skip whole blocks.
+
+Implementations (`impl`), all with float32 scores and softmax whatever the compute dtype:
+  * `xla`: the plain form, scores `[B, H, T, S]` materialised. The reference every other one is tested against.
+  * `chunked`: memory-efficient attention in plain XLA for CPU: queries and keys in blocks, an online softmax
+    over the key blocks, key blocks a query block cannot see (causal) skipped, and a custom VJP that recomputes
+    each block's probabilities from the saved log-sum-exp instead of storing `[B, H, T, S]`.
+  * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` (GPU flash attention; fp16/bf16 only).
+  * `splash`: JAX's Pallas splash attention kernel for TPU (`interpret=True` runs it on CPU in tests).
+`auto` is resolved by `resolve(name, devices, dtype)` from the devices of the mesh a program is compiled for,
+never from the host's default backend, so an ahead-of-time compile for a TPU topology on a CPU host gets TPU
+kernels.
+
+A query that may see no key at all (a left-padding row) gets the mean of every value in all implementations:
+that is what the `xla` form's softmax over equal masked scores gives, and keeping it keeps every output equal.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+IMPLEMENTATIONS = ("xla", "chunked", "splash", "cudnn")
+CHOICES = IMPLEMENTATIONS + ("auto",)
+
+# Large negative logit for masked entries of the `xla` form. Finite (not -inf) so that a query row with no visible
+# key (a left-pad position) yields a finite, ignored output instead of NaN.
+_MASK_VALUE = float(np.finfo(np.float32).min)
+
+# `chunked` block sizes (queries x keys), chosen by measurement on XLA:CPU (2 cores): big enough that each
+# block's two dots run at matmul speed, small enough that a block's scores stay in cache-sized buffers.
+BLOCK_Q = 128
+BLOCK_K = 256
+
+
+class Mask(NamedTuple):
+    """Which keys each query may attend to; None fields impose nothing.
+
+    q_positions: `int32[B, T]`, the key slot of each query: key `s` is visible iff `s <= q_positions[b, t]`
+      (causal; a KV cache's queries sit at `cache_index + t`). None: no causal rule.
+    kv_valid: `bool[B, S]`, False for padding keys (and cache slots not yet written).
+    """
+
+    q_positions: jax.Array | None = None
+    kv_valid: jax.Array | None = None
+
+    def take_queries(self, index: jax.Array) -> "Mask":
+        """The mask of the queries `index` (`int32[B, Q]`) only, keys unchanged."""
+        if self.q_positions is None:
+            return self
+        return self._replace(q_positions=jnp.take_along_axis(self.q_positions, index, axis=1))
+
+    def dense(self, batch: int, q_len: int, kv_len: int) -> jax.Array | None:
+        """bool `[B, T, S]` (True = may attend), or None when nothing is masked."""
+        mask = None
+        if self.q_positions is not None:
+            keys = jnp.arange(kv_len, dtype=jnp.int32)
+            mask = keys[None, None, :] <= self.q_positions[:, :, None]
+        if self.kv_valid is not None:
+            valid = self.kv_valid.astype(jnp.bool_)[:, None, :]
+            mask = valid if mask is None else mask & valid
+        return None if mask is None else jnp.broadcast_to(mask, (batch, q_len, kv_len))
+
+
+def causal_mask(batch: int, length: int, kv_valid: jax.Array | None = None) -> Mask:
+    """Causal mask for `length` queries at slots `0..length-1` (no cache), with optional key padding."""
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    return Mask(positions, None if kv_valid is None else jnp.asarray(kv_valid).astype(jnp.bool_))
+
+
+def check(name: str, what: str = "attention") -> str:
+    """`name` if it is one of `CHOICES`, else ValueError naming the setting."""
+    if name not in CHOICES:
+        raise ValueError(f"{what} = {name!r}: expected one of {', '.join(CHOICES)}")
+    return name
+
+
+def resolve(name: str, devices: Sequence[jax.Device], dtype=jnp.float32) -> str:
+    """The implementation `name` means on `devices` (a mesh's devices): `auto` -> a concrete one.
+
+    TPU: `splash`. GPU: `cudnn` for fp16/bf16 compute (cuDNN's fused kernels take no float32), else `xla`.
+    CPU: `chunked` (measured faster than `xla` in the real jobs; README benchmarks). Mixed platforms: ValueError.
+    """
+    check(name)
+    if name != "auto":
+        return name
+    platforms = {d.platform for d in devices}
+    if len(platforms) != 1:
+        raise ValueError(f"attention=auto: the mesh mixes device platforms {sorted(platforms)}")
+    platform = platforms.pop()
+    if platform == "tpu":
+        return "splash"
+    if platform in ("gpu", "cuda", "rocm"):
+        return "cudnn" if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else "xla"
+    return "chunked"
+
+
+def set_attention(model: nnx.Module, impl: str) -> nnx.Module:
+    """Sets every attention layer of `model` (LLM, CLIP tower, UNet, ControlNet, VAE) to `impl`, a concrete
+    implementation (`resolve` turns `auto` into one first). Split the model into graphdef and state after this:
+    the choice is part of the graphdef, so a jitted step traces the implementation it names."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"set_attention: {impl!r} is not one of {', '.join(IMPLEMENTATIONS)} (resolve 'auto' first)")
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "attention_impl"):
+            module.attention_impl = impl
+    return model
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask | None = None, *, impl: str = "xla",
+    scale: float | None = None,
+) -> jax.Array:
+    """Softmax attention, q `[B, T, H, Dh]`, k, v `[B, S, KVH, Dh]` -> `[B, T, H * Dh]` in q's dtype."""
+    batch, q_len, heads, head_dim = q.shape
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    mask = Mask() if mask is None else mask
+    if impl == "xla":
+        return _xla(q, k, v, mask.dense(batch, q_len, k.shape[1]), scale)
+    if impl == "chunked":
+        out = _chunked(q, k, v, mask.q_positions, mask.kv_valid, scale)
+        return out.reshape(batch, q_len, heads * head_dim)
+    if impl == "cudnn":
+        return _cudnn(q, k, v, mask, scale)
+    if impl == "splash":
+        return _splash(q, k, v, mask, scale)
+    raise ValueError(f"attention impl {impl!r}: expected one of {', '.join(IMPLEMENTATIONS)} ('auto' is resolved "
+                     f"before tracing, see `resolve`)")
+
+
+# ------------------------------------------------------------------------------------------------ xla
+
+
+def _xla(q, k, v, mask, scale):
+    """The plain form; mask bool `[B, T, S]` or None."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, q_len, heads * head_dim)
+
+
+# ------------------------------------------------------------------------------------------------ chunked
+#
+# Layout inside: q `[B, KVH, G, T, Dh]` (the G query heads sharing a key head side by side), k, v `[B, KVH, S,
+# Dh]`. Queries are padded to a multiple of the query block (padded rows see no key and are sliced off), keys to
+# a multiple of the key block (padded keys are invalid). Query block i runs a `while_loop` over key blocks
+# 0 .. last(i), where last(i) is the last block holding a key that some query of block i may see under the
+# causal rule: with a causal mask about half of the blocks are never computed, and a decode step at slot p of a
+# long cache reads only blocks up to p.
+
+
+def _blocks(length: int, block: int) -> tuple[int, int]:
+    """(block size, padded length): one block when `length <= block`."""
+    if length <= block:
+        return length, length
+    return block, math.ceil(length / block) * block
+
+
+def _layout(q, k, v, q_positions, kv_valid):
+    """Transposed, padded operands and the static sizes (see the comment above)."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    bq, tq = _blocks(q_len, BLOCK_Q)
+    bk, tk = _blocks(kv_len, BLOCK_K)
+    qt = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    qt = jnp.pad(qt, ((0, 0),) * 3 + ((0, tq - q_len), (0, 0)))
+    kt = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, tk - kv_len), (0, 0)))
+    vt = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, tk - kv_len), (0, 0)))
+    big = np.iinfo(np.int32).max
+    pos = jnp.full((batch, q_len), big, jnp.int32) if q_positions is None else q_positions.astype(jnp.int32)
+    pos = jnp.pad(pos, ((0, 0), (0, tq - q_len)), constant_values=-1)  # padded queries see nothing
+    valid = jnp.ones((batch, kv_len), jnp.bool_) if kv_valid is None else kv_valid.astype(jnp.bool_)
+    valid = jnp.pad(valid, ((0, 0), (0, tk - kv_len)))
+    return qt, kt, vt, pos, valid, (bq, bk, tq // bq, tk // bk)
+
+
+def _block_mask(pos_i, valid_j, j, bk):
+    """bool `[B, 1, 1, bq, bk]`: query rows `pos_i[B, bq]` against key block j (`valid_j[B, bk]`)."""
+    keys = j * bk + jnp.arange(bk, dtype=jnp.int32)
+    m = (keys[None, None, :] <= pos_i[:, :, None]) & valid_j[:, None, :]
+    return m[:, None, None]
+
+
+def _key_blocks(pos_i, valid, bk, nk):
+    """Number of key blocks query block i needs: through the block of its largest visible slot."""
+    last = jnp.max(pos_i)
+    return jnp.clip(last // bk + 1, 0, nk).astype(jnp.int32)
+
+
+def _forward(qt, kt, vt, pos, valid, sizes, scale):
+    """Blocked forward: out `[B, KVH, G, Tq, Dh]` (float32) and log-sum-exp `[B, KVH, G, Tq]` (float32;
+    -inf for rows that see no key)."""
+    bq, bk, nq, nk = sizes
+    batch, kv_heads, groups, _, head_dim = qt.shape
+
+    def query_block(i):
+        q_i = jax.lax.dynamic_slice_in_dim(qt, i * bq, bq, axis=3)
+        pos_i = jax.lax.dynamic_slice_in_dim(pos, i * bq, bq, axis=1)
+
+        def key_block(j, carry):
+            m, total, acc = carry
+            k_j = jax.lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
+            v_j = jax.lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
+            valid_j = jax.lax.dynamic_slice_in_dim(valid, j * bk, bk, axis=1)
+            s = jnp.einsum("bkgtd,bksd->bkgts", q_i, k_j, preferred_element_type=jnp.float32) * scale
+            visible = _block_mask(pos_i, valid_j, j, bk)
+            s = jnp.where(visible, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            # Rows that have seen no key yet keep m = -inf; shifting by 0 there keeps exp() finite (it is 0).
+            shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(s - shift[..., None])
+            correction = jnp.exp(m - shift)
+            total = total * correction + p.sum(axis=-1)
+            acc = acc * correction[..., None] + jnp.einsum(
+                "bkgts,bksd->bkgtd", p.astype(vt.dtype), v_j, preferred_element_type=jnp.float32)
+            return m_new, total, acc
+
+        init = (
+            jnp.full((batch, kv_heads, groups, bq), -jnp.inf, jnp.float32),
+            jnp.zeros((batch, kv_heads, groups, bq), jnp.float32),
+            jnp.zeros((batch, kv_heads, groups, bq, head_dim), jnp.float32),
+        )
+        m, total, acc = jax.lax.fori_loop(0, _key_blocks(pos_i, valid, bk, nk), key_block, init)
+        seen = total > 0
+        out = acc / jnp.where(seen, total, 1.0)[..., None]
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+        return out, lse
+
+    out, lse = jax.lax.map(query_block, jnp.arange(nq))
+    # [nq, B, KVH, G, bq, ...] -> [B, KVH, G, nq * bq, ...]
+    out = jnp.moveaxis(out, 0, 3).reshape(batch, kv_heads, groups, nq * bq, head_dim)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(batch, kv_heads, groups, nq * bq)
+    return out, lse
+
+
+def _backward(qt, kt, vt, pos, valid, out, lse, d_out, sizes, scale):
+    """Blocked backward from the saved log-sum-exp: (dq, dk, dv) in the padded inside layout, float32."""
+    bq, bk, nq, nk = sizes
+    delta = jnp.sum(d_out * out, axis=-1)  # [B, KVH, G, Tq]: rowsum(dO * O) = sum_s P dP
+
+    def query_block(i, carry):
+        dq, dk, dv = carry
+        sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=i * bq, slice_size=bq, axis=3)
+        q_i, do_i, lse_i, delta_i = sl(qt), sl(d_out), sl(lse[..., None])[..., 0], sl(delta[..., None])[..., 0]
+        pos_i = jax.lax.dynamic_slice_in_dim(pos, i * bq, bq, axis=1)
+
+        def key_block(j, inner):
+            dq_i, dk, dv = inner
+            k_j = jax.lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=2)
+            v_j = jax.lax.dynamic_slice_in_dim(vt, j * bk, bk, axis=2)
+            valid_j = jax.lax.dynamic_slice_in_dim(valid, j * bk, bk, axis=1)
+            s = jnp.einsum("bkgtd,bksd->bkgts", q_i, k_j, preferred_element_type=jnp.float32) * scale
+            visible = _block_mask(pos_i, valid_j, j, bk)
+            p = jnp.where(visible, jnp.exp(s - lse_i[..., None]), 0.0)
+            dv_j = jnp.einsum("bkgts,bkgtd->bksd", p, do_i, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bkgtd,bksd->bkgts", do_i, v_j, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_i[..., None]) * scale
+            dq_i = dq_i + jnp.einsum("bkgts,bksd->bkgtd", ds, k_j, preferred_element_type=jnp.float32)
+            dk_j = jnp.einsum("bkgts,bkgtd->bksd", ds, q_i, preferred_element_type=jnp.float32)
+            dk = jax.lax.dynamic_update_slice_in_dim(
+                dk, jax.lax.dynamic_slice_in_dim(dk, j * bk, bk, axis=2) + dk_j, j * bk, axis=2)
+            dv = jax.lax.dynamic_update_slice_in_dim(
+                dv, jax.lax.dynamic_slice_in_dim(dv, j * bk, bk, axis=2) + dv_j, j * bk, axis=2)
+            return dq_i, dk, dv
+
+        dq_i = jnp.zeros(q_i.shape, jnp.float32)
+        dq_i, dk, dv = jax.lax.fori_loop(0, _key_blocks(pos_i, valid, bk, nk), key_block, (dq_i, dk, dv))
+        dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * bq, axis=3)
+        return dq, dk, dv
+
+    init = (jnp.zeros(qt.shape, jnp.float32), jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vt.shape, jnp.float32))
+    return jax.lax.fori_loop(0, nq, query_block, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _chunked_core(q, k, v, q_positions, kv_valid, scale):
+    return _chunked_fwd(q, k, v, q_positions, kv_valid, scale)[0]
+
+
+def _chunked_fwd(q, k, v, q_positions, kv_valid, scale):
+    """Output `[B, T, H, Dh]` in q's dtype, and what the backward recomputes from (no `[T, S]` array)."""
+    batch, q_len, heads, head_dim = q.shape
+    qt, kt, vt, pos, valid, sizes = _layout(q, k, v, q_positions, kv_valid)
+    out, lse = _forward(qt, kt, vt, pos, valid, sizes, scale)
+    seen = jnp.isfinite(lse)[..., None]
+    # A row that sees no key: the mean of all (unpadded) values, as the `xla` form's uniform softmax gives.
+    mean_v = jnp.mean(v.astype(jnp.float32), axis=1)[:, :, None, None, :]  # [B, KVH, 1, 1, Dh]
+    out = jnp.where(seen, out, mean_v)
+    result = out[:, :, :, :q_len].transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+    return result, (q, k, v, q_positions, kv_valid, out, lse)
+
+
+def _chunked_bwd(scale, residuals, d_result):
+    q, k, v, q_positions, kv_valid, out, lse = residuals
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    qt, kt, vt, pos, valid, sizes = _layout(q, k, v, q_positions, kv_valid)
+    d_out = d_result.astype(jnp.float32).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    d_out = jnp.pad(d_out.transpose(0, 2, 3, 1, 4), ((0, 0),) * 3 + ((0, qt.shape[3] - q_len), (0, 0)))
+    seen = jnp.isfinite(lse)
+    dq, dk, dv = _backward(qt, kt, vt, pos, valid, out, lse, jnp.where(seen[..., None], d_out, 0.0), sizes, scale)
+    # Rows that see no key output mean(v): each key's value gets 1/S of their output gradient.
+    blind = jnp.sum(jnp.where(seen[..., None], 0.0, d_out), axis=(2, 3)) / kv_len  # [B, KVH, Dh]
+    dv = dv[:, :, :kv_len] + blind[:, :, None, :]
+    dq = dq[:, :, :, :q_len].transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
+    dk = dk[:, :, :kv_len].transpose(0, 2, 1, 3).astype(k.dtype)
+    dv = dv.transpose(0, 2, 1, 3).astype(v.dtype)
+    zero = lambda x: None if x is None else np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731 (integer inputs)
+    return dq, dk, dv, zero(q_positions), zero(kv_valid)
+
+
+_chunked_core.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def _chunked(q, k, v, q_positions, kv_valid, scale):
+    return _chunked_core(q, k, v, q_positions, kv_valid, scale)
+
+
+# ------------------------------------------------------------------------------------------------ cudnn
+
+
+def _cudnn(q, k, v, mask, scale):
+    """cuDNN flash attention (GPU, fp16/bf16). Causal masks with queries at slots `0..T-1` map to `is_causal`;
+    key padding to `key_value_seq_lengths` when it is right padding; anything else goes in as a dense mask."""
+    batch, q_len, heads, head_dim = q.shape
+    dense = mask.dense(batch, q_len, k.shape[1])
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=None if dense is None else dense[:, None], scale=scale, implementation="cudnn")
+    return out.reshape(batch, q_len, heads * head_dim)
+
+
+# ------------------------------------------------------------------------------------------------ splash
+
+
+def _splash(q, k, v, mask, scale, *, interpret: bool = False):
+    """Pallas splash attention (TPU; `interpret=True` on CPU). The causal rule and key padding go in as segment
+    ids and a causal block mask, so the kernel skips fully masked blocks as `chunked` does."""
+    raise NotImplementedError

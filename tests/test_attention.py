@@ -1,0 +1,126 @@
+"""Every attention implementation against `xla` (float32, < 1e-4 relative max error, forward and gradients): causal
+with left padding and GQA, no mask, cross-attention, a KV-cache decode step, a reward head's gathered rows;
+`auto` resolved from a mesh's devices; `set_attention` over a model. The model-level parity tests run with any
+implementation via `CAIG_TEST_ATTENTION=<impl>` (conftest)."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from caig_jax.models import attention
+from caig_jax.models.attention import Mask
+
+TOL = 1e-4
+
+
+def _rel(a, b) -> float:
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def _case(name):
+    """(q, k, v, mask) for one situation; sizes span several 16 x 32 blocks (see the `small_blocks` fixture)."""
+    rng = np.random.default_rng(0)
+    b, t, s, h, kvh, d = dict(
+        causal_gqa_left_pad=(2, 70, 70, 4, 2, 8), no_mask=(2, 70, 70, 2, 2, 8), cross=(2, 40, 13, 2, 2, 8),
+        decode_step=(2, 1, 90, 4, 1, 8), cached_chunk=(2, 20, 90, 4, 2, 8), query_rows=(2, 3, 70, 4, 2, 8),
+    )[name]
+    q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, s, kvh, d)), jnp.float32) for _ in range(2))
+    valid = np.ones((b, s), bool)
+    if name == "causal_gqa_left_pad":
+        valid[1, :23] = False  # left padding: rows 0..22 of example 1 see no key at all
+        return q, k, v, attention.causal_mask(b, t, jnp.asarray(valid))
+    if name in ("no_mask", "cross"):
+        return q, k, v, None
+    # A cache of s slots: the t new queries sit at slots start..start+t-1, later slots are not written yet.
+    start = 61
+    valid[:, start + t:] = False
+    valid[0, :5] = False
+    positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    if name == "query_rows":  # a reward head: a few rows of a cache-free causal pass
+        return q, k, v, attention.causal_mask(b, s).take_queries(jnp.asarray([[69, 3, 40], [10, 0, 65]], jnp.int32))
+    return q, k, v, Mask(positions, jnp.asarray(valid))
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 16 queries x 32 keys, so tiny inputs run many blocks, padding and causal skipping."""
+    monkeypatch.setattr(attention, "BLOCK_Q", 16)
+    monkeypatch.setattr(attention, "BLOCK_K", 32)
+
+
+CASES = ["causal_gqa_left_pad", "no_mask", "cross", "decode_step", "cached_chunk", "query_rows"]
+
+
+def _forward_and_grads(impl, q, k, v, mask):
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal((q.shape[0], q.shape[1], q.shape[2] * q.shape[3])),
+                          jnp.float32)
+
+    def loss(q, k, v):
+        return jnp.sum(attention.attention(q, k, v, mask, impl=impl) * weights)
+
+    out = jax.jit(lambda q, k, v: attention.attention(q, k, v, mask, impl=impl))(q, k, v)
+    return out, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_chunked_matches_xla(small_blocks, case):
+    q, k, v, mask = _case(case)
+    want, want_grads = _forward_and_grads("xla", q, k, v, mask)
+    got, got_grads = _forward_and_grads("chunked", q, k, v, mask)
+    assert got.shape == want.shape == (q.shape[0], q.shape[1], q.shape[2] * q.shape[3])
+    assert _rel(got, want) < TOL
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        assert _rel(g, w) < TOL, name
+
+
+def test_chunked_never_reads_fully_masked_key_blocks(small_blocks):
+    """A decode step at slot 61 reads key blocks 0 and 1 (slots 0..63) only: values from slot 64 on may be NaN
+    (never written) and the output stays finite and equal to xla's on clean values."""
+    q, k, v, mask = _case("decode_step")
+    dirty = v.at[:, 64:].set(jnp.nan)
+    got = attention.attention(q, k, dirty, mask, impl="chunked")
+    assert bool(jnp.all(jnp.isfinite(got)))
+    assert _rel(got, attention.attention(q, k, v, mask, impl="xla")) < TOL
+
+
+def test_chunked_keeps_bf16_inputs_in_their_dtype(small_blocks):
+    q, k, v, mask = (x.astype(jnp.bfloat16) if x is not None and not isinstance(x, Mask) else x
+                     for x in _case("causal_gqa_left_pad"))
+    got = attention.attention(q, k, v, mask, impl="chunked")
+    want = attention.attention(q, k, v, mask, impl="xla")
+    assert got.dtype == jnp.bfloat16
+    assert _rel(got.astype(jnp.float32), want.astype(jnp.float32)) < 2e-2  # bf16 rounding of the output
+
+
+def _devices(platform, n=2):
+    return [types.SimpleNamespace(platform=platform, id=i) for i in range(n)]
+
+
+def test_auto_resolves_from_the_mesh_devices_not_the_host():
+    assert jax.default_backend() == "cpu"
+    assert attention.resolve("auto", _devices("tpu")) == "splash"
+    assert attention.resolve("auto", _devices("gpu"), jnp.bfloat16) == "cudnn"
+    assert attention.resolve("auto", _devices("gpu"), jnp.float32) == "xla"  # cuDNN's kernels take no float32
+    assert attention.resolve("auto", jax.devices()) == "chunked"
+    assert attention.resolve("xla", _devices("tpu")) == "xla"
+    with pytest.raises(ValueError, match="mixes"):
+        attention.resolve("auto", _devices("tpu") + _devices("cpu"))
+    with pytest.raises(ValueError, match="flash"):
+        attention.resolve("flash", jax.devices())
+
+
+def test_set_attention_reaches_every_attention_layer():
+    from caig_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2)
+    model = attention.set_attention(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), "chunked")
+    impls = [m.attention_impl for _, m in nnx.iter_modules(model) if hasattr(m, "attention_impl")]
+    assert impls == ["chunked", "chunked"]
+    with pytest.raises(ValueError, match="resolve"):
+        attention.set_attention(model, "auto")
