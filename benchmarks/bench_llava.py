@@ -22,6 +22,8 @@ background load; medians):
     over rounds of (t(1 + N) - t(1)); end-to-end tokens/s = B * (1 + N) / t(1 + N).
     Ours: `caig_jax.models.llava.generate` (one jitted prefill + while_loop program); theirs:
     `LlavaForConditionalGeneration.generate(do_sample=False)` (DynamicCache).
+`--attention xla,chunked` (default): ours runs once per attention implementation (`caig_jax.models.attention`),
+all in the same interleaved rounds as torch, one table row each.
 Ratio = ours / torch in tokens/s (> 1: ours faster), wall clock. "CPU-s ratio" = torch / ours in process CPU
 seconds (all threads): the work each side needed, which other processes' load moves much less than wall time.
 Sanity columns: the two losses, the two gradient norms and the share of greedy tokens on which the two agree
@@ -201,15 +203,17 @@ def torch_train_step(model, ids, pixels):
 # ------------------------------------------------------------------------------------------------ generation
 
 
-def ours_generate(model, ids, pixels, new_tokens: int):
+def ours_generate(model, ids, pixels, new_tokens: int, impl: str):
     import jax
     import numpy as np
 
     from caig_jax.models import llava
+    from caig_jax.models.attention import set_attention
 
     out = {}
 
     def run():
+        set_attention(model, impl)  # generate jits per graphdef, which names the implementation
         toks = llava.generate(model, ids, pixels, None, np.ones_like(ids), max_new_tokens=new_tokens,
                               temperature=0.0)
         out["tokens"] = np.asarray(jax.block_until_ready(toks))
@@ -264,7 +268,10 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--attention", default="xla,chunked",
+                        help="our attention implementations to time, each against torch in the same rounds")
     args = parser.parse_args(argv)
+    impls = args.attention.split(",")
 
     # Before jax is imported: XLA reads its flags once. (Its CPU client sizes the intra-op pool from the CPU
     # affinity; the flag states the same number explicitly.)
@@ -294,6 +301,7 @@ def main(argv=None) -> None:
     print(f"load average (1, 5, 15 min) before: {load_before}")
 
     from caig_jax.models import llava
+    from caig_jax.models.attention import set_attention
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -307,51 +315,64 @@ def main(argv=None) -> None:
         if not args.skip_train:
             ids, pixels = make_batch(p, 1, p["text_tokens"], seed=0)
             T = ids.shape[1]
-            ours_run, ours_sum = ours_train_step(model, ids, pixels)
-            t0 = time.perf_counter()
-            ours_run()
-            print(f"ours: train step compiled + first run in {time.perf_counter() - t0:.1f}s")
+            ours = {}
+            for impl in impls:  # the implementation is part of the graphdef that ours_train_step splits off
+                ours[impl] = ours_train_step(set_attention(model, impl), ids, pixels)
+                t0 = time.perf_counter()
+                ours[impl][0]()
+                print(f"ours ({impl}): train step compiled + first run in {time.perf_counter() - t0:.1f}s")
             torch_run, torch_sum = torch_train_step(tmodel, ids, pixels)
-            res = interleaved({"ours": ours_run, "torch": torch_run}, args.repeats)
-            (o_loss, o_norm), (t_loss, t_norm) = ours_sum(), torch_sum()
+            res = interleaved({**{impl: run for impl, (run, _) in ours.items()}, "torch": torch_run}, args.repeats)
+            t_loss, t_norm = torch_sum()
+            tm = med(res["torch"])
+            for impl, (_, ours_sum) in ours.items():
+                o_loss, o_norm = ours_sum()
+                om = med(res[impl])
+                rows.append(dict(
+                    name=f"train fwd+bwd B=1 T={T} ({n_image} img + {p['text_tokens']} text) [{impl}]", ours_s=om,
+                    torch_s=tm, ours_tps=T / om, torch_tps=T / tm, ratio=tm / om,
+                    cpu_ratio=med(res["torch"], 1) / med(res[impl], 1),
+                    check=f"loss {o_loss:.4f}/{t_loss:.4f}, |grad| rel diff {abs(o_norm - t_norm) / t_norm:.1e}",
+                    samples={"ours": res[impl], "torch": res["torch"]}, loss=(o_loss, t_loss),
+                    grad_norm=(o_norm, t_norm)))
             tmodel.zero_grad(set_to_none=True)
-            om, tm = med(res["ours"]), med(res["torch"])
-            rows.append(dict(
-                name=f"train fwd+bwd B=1 T={T} ({n_image} img + {p['text_tokens']} text)", ours_s=om, torch_s=tm,
-                ours_tps=T / om, torch_tps=T / tm, ratio=tm / om, cpu_ratio=med(res["torch"], 1) / med(res["ours"], 1),
-                check=f"loss {o_loss:.4f}/{t_loss:.4f}, |grad| rel diff {abs(o_norm - t_norm) / t_norm:.1e}",
-                samples=res, loss=(o_loss, t_loss), grad_norm=(o_norm, t_norm)))
             print(f"train (wall s, cpu s): {res}")
-            del ours_run, ours_sum
+            del ours
 
         if not args.skip_generate:
             n = args.new_tokens
             for b in [int(x) for x in args.batch_sizes.split(",")]:
                 ids, pixels = make_batch(p, b, p["prompt_text_tokens"], seed=1)
                 L = ids.shape[1]
-                o1, _ = ours_generate(model, ids, pixels, 1)
-                on, o_out = ours_generate(model, ids, pixels, 1 + n)
-                t1, _ = torch_generate(tmodel, ids, pixels, 1)
-                tn, t_out = torch_generate(tmodel, ids, pixels, 1 + n)
-                res = interleaved({"ours_1": o1, "ours_n": on, "torch_1": t1, "torch_n": tn}, args.repeats)
+                fns, outs = {}, {}
+                for impl in impls:
+                    fns[f"{impl}_1"], _ = ours_generate(model, ids, pixels, 1, impl)
+                    fns[f"{impl}_n"], outs[impl] = ours_generate(model, ids, pixels, 1 + n, impl)
+                fns["torch_1"], _ = torch_generate(tmodel, ids, pixels, 1)
+                fns["torch_n"], t_out = torch_generate(tmodel, ids, pixels, 1 + n)
+                res = interleaved(fns, args.repeats)
                 print(f"generate B={b} (wall s, cpu s): {res}")
                 # Decode time of each round = its (1 + n)-token run minus its 1-token run (same prompt, same round).
                 dec = {who: [(a[0] - c[0], a[1] - c[1]) for a, c in zip(res[f"{who}_n"], res[f"{who}_1"])]
-                       for who in ("ours", "torch")}
-                otok, ttok = o_out["tokens"], t_out["tokens"]
-                # With the EOS logit pinned to 0 neither side may stop early; say so loudly if one did.
-                full = otok.shape == ttok.shape == (b, 1 + n) and not (otok == EOS).any() and not (ttok == EOS).any()
-                agree = float((otok == ttok).mean()) if otok.shape == ttok.shape else float("nan")
-                check = f"greedy tokens equal {100 * agree:.0f}%" + ("" if full else " (EOS / SHORT OUTPUT!)")
-                prefill_note = "tok/s: prompt tokens"
-                for name, o, t, tokens, note in (
-                        (f"prefill+1st token B={b} L={L}", res["ours_1"], res["torch_1"], b * L, prefill_note),
-                        (f"decode B={b} ({n} new tokens)", dec["ours"], dec["torch"], b * n, check),
-                        (f"generate end-to-end B={b} ({1 + n} new)", res["ours_n"], res["torch_n"], b * (1 + n), "")):
-                    om, tm = med(o), med(t)
-                    rows.append(dict(name=name, ours_s=om, torch_s=tm, ours_tps=tokens / om, torch_tps=tokens / tm,
-                                     ratio=tm / om, cpu_ratio=med(t, 1) / med(o, 1), check=note,
-                                     samples={"ours": o, "torch": t}))
+                       for who in (*impls, "torch")}
+                ttok = t_out["tokens"]
+                for impl in impls:
+                    otok = outs[impl]["tokens"]
+                    # With the EOS logit pinned to 0 neither side may stop early; say so loudly if one did.
+                    full = (otok.shape == ttok.shape == (b, 1 + n) and not (otok == EOS).any()
+                            and not (ttok == EOS).any())
+                    agree = float((otok == ttok).mean()) if otok.shape == ttok.shape else float("nan")
+                    check = f"greedy tokens equal {100 * agree:.0f}%" + ("" if full else " (EOS / SHORT OUTPUT!)")
+                    prefill_note = "tok/s: prompt tokens"
+                    for name, o, t, tokens, note in (
+                            (f"prefill+1st token B={b} L={L}", res[f"{impl}_1"], res["torch_1"], b * L, prefill_note),
+                            (f"decode B={b} ({n} new tokens)", dec[impl], dec["torch"], b * n, check),
+                            (f"generate end-to-end B={b} ({1 + n} new)", res[f"{impl}_n"], res["torch_n"],
+                             b * (1 + n), "")):
+                        om, tm = med(o), med(t)
+                        rows.append(dict(name=f"{name} [{impl}]", ours_s=om, torch_s=tm, ours_tps=tokens / om,
+                                         torch_tps=tokens / tm, ratio=tm / om, cpu_ratio=med(t, 1) / med(o, 1),
+                                         check=note, samples={"ours": o, "torch": t}))
     load_after = load_avg()
     info["load_avg_after"] = load_after
     header = (f"LLaVA-1.5-style {info['params'] / 1e6:.0f}M params, float32, {platform.machine()} CPU, "

@@ -174,12 +174,23 @@ def _blocks(length: int, block: int) -> tuple[int, int]:
     return block, math.ceil(length / block) * block
 
 
+def _key_loop(n_blocks, nk, body, init):
+    """`body` over key blocks 0 .. n_blocks - 1; a single key block runs straight, without a loop (decode steps,
+    short sequences)."""
+    if nk == 1:
+        return body(0, init)
+    return jax.lax.fori_loop(0, n_blocks, body, init)
+
+
 def _layout(q, k, v, q_positions, kv_valid):
     """Transposed, padded operands and the static sizes (see the comment above)."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
-    bq, tq = _blocks(q_len, BLOCK_Q)
-    bk, tk = _blocks(kv_len, BLOCK_K)
+    if q_len * kv_len <= BLOCK_Q * BLOCK_K:  # scores no bigger than one block: one block (decode, short inputs)
+        bq, tq, bk, tk = q_len, q_len, kv_len, kv_len
+    else:
+        bq, tq = _blocks(q_len, BLOCK_Q)
+        bk, tk = _blocks(kv_len, BLOCK_K)
     qt = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
     qt = jnp.pad(qt, ((0, 0),) * 3 + ((0, tq - q_len), (0, 0)))
     kt = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, tk - kv_len), (0, 0)))
@@ -238,7 +249,7 @@ def _forward(qt, kt, vt, pos, valid, sizes, scale):
             jnp.zeros((batch, kv_heads, groups, bq), jnp.float32),
             jnp.zeros((batch, kv_heads, groups, bq, head_dim), jnp.float32),
         )
-        m, total, acc = jax.lax.fori_loop(0, _key_blocks(pos_i, valid, bk, nk), key_block, init)
+        m, total, acc = _key_loop(_key_blocks(pos_i, valid, bk, nk), nk, key_block, init)
         seen = total > 0
         out = acc / jnp.where(seen, total, 1.0)[..., None]
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
@@ -282,7 +293,7 @@ def _backward(qt, kt, vt, pos, valid, out, lse, d_out, sizes, scale):
             return dq_i, dk, dv
 
         dq_i = jnp.zeros(q_i.shape, jnp.float32)
-        dq_i, dk, dv = jax.lax.fori_loop(0, _key_blocks(pos_i, valid, bk, nk), key_block, (dq_i, dk, dv))
+        dq_i, dk, dv = _key_loop(_key_blocks(pos_i, valid, bk, nk), nk, key_block, (dq_i, dk, dv))
         dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * bq, axis=3)
         return dq, dk, dv
 
