@@ -72,7 +72,7 @@ def count(tree) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_jax(size: int, steps: int, repeats: int) -> dict:
+def run_jax(size: int, steps: int, repeats: int, attention: str) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -81,6 +81,7 @@ def run_jax(size: int, steps: int, repeats: int) -> dict:
     from caig_jax import parallel
     from caig_jax.convert.diffusers import SD15_UNET_CONFIG
     from caig_jax.diffusion import schedulers
+    from caig_jax.models import attention as attention_lib
     from caig_jax.models.controlnet import ControlNetModel
     from caig_jax.models.unet import UNet2DConditionModel
 
@@ -88,6 +89,8 @@ def run_jax(size: int, steps: int, repeats: int) -> dict:
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     unet = parallel.sharded_init(lambda: UNet2DConditionModel(SD15_UNET_CONFIG, rngs=nnx.Rngs(0)), mesh)
     controlnet = parallel.sharded_init(lambda: ControlNetModel(sd15_controlnet_config(), rngs=nnx.Rngs(1)), mesh)
+    for module in (unet, controlnet):  # before the split: the implementation is part of the graphdef
+        attention_lib.configure(module, attention, mesh)
     unet_def, unet_state = nnx.split(unet)
     cn_def, cn_state = nnx.split(controlnet)
     build_s = time.perf_counter() - t0
@@ -134,7 +137,7 @@ def run_jax(size: int, steps: int, repeats: int) -> dict:
         times.append(time.perf_counter() - t0)
     loads.append(load())
     finite = bool(np.isfinite(np.asarray(out)).all())
-    return dict(framework="caig_jax (jit)", size=size, params_m=params / 1e6, build_s=build_s, compile_s=compile_s,
+    return dict(framework=f"caig_jax (jit, attention={attention_lib.resolve(attention, mesh.devices.flat)})", size=size, params_m=params / 1e6, build_s=build_s, compile_s=compile_s,
                 s_per_step=statistics.median(times) / steps, runs_s=times, peak_rss_gb=peak_rss_gb(), load=loads,
                 finite=finite)
 
@@ -197,14 +200,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="denoising steps per timed loop")
     parser.add_argument("--repeats", type=int, default=2, help="timed loops (median)")
     parser.add_argument("--frameworks", default="jax,torch")
+    parser.add_argument("--attention", default="auto",
+                        help="ours: attention implementation(s), comma-separated, each in its own process")
     parser.add_argument("--json", default="", help="also write the results here")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        fn = run_jax if args.worker == "jax" else run_torch
-        print("RESULT " + json.dumps(fn(args.size, args.steps, args.repeats)), flush=True)
+        result = (run_jax(args.size, args.steps, args.repeats, args.attention) if args.worker == "jax"
+                  else run_torch(args.size, args.steps, args.repeats))
+        print("RESULT " + json.dumps(result), flush=True)
         return
 
     cpu = platform.processor() or platform.machine()
@@ -213,9 +219,11 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
     results = []
     for size in [int(s) for s in args.sizes.split(",") if s]:
-        for fw in [f for f in args.frameworks.split(",") if f]:
+        runs = [(fw, impl) for fw in args.frameworks.split(",") if fw
+                for impl in (args.attention.split(",") if fw == "jax" else ["-"])]
+        for fw, impl in runs:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--size", str(size),
-                   "--steps", str(args.steps), "--repeats", str(args.repeats)]
+                   "--steps", str(args.steps), "--repeats", str(args.repeats), "--attention", impl]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -225,7 +233,7 @@ def main() -> None:
             result = json.loads(lines[-1][len("RESULT "):])
             result["wall_s"] = time.perf_counter() - t0
             results.append(result)
-            print(f"# {fw} @ {size}: {result['s_per_step']:.3f} s/step, peak RSS {result['peak_rss_gb']:.2f} GB, "
+            print(f"# {result['framework']} @ {size}: {result['s_per_step']:.3f} s/step, peak RSS {result['peak_rss_gb']:.2f} GB, "
                   f"load {result['load'][0]} -> {result['load'][1]}", flush=True)
 
     print()
@@ -234,12 +242,11 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for size in sorted({r["size"] for r in results}):
         rows = [r for r in results if r["size"] == size]
-        ours = next((r for r in rows if r["framework"].startswith("caig_jax")), None)
         theirs = next((r for r in rows if r["framework"].startswith("diffusers")), None)
         for r in rows:
             ratio = ""
-            if r is ours and theirs:
-                ratio = f"{theirs['s_per_step'] / ours['s_per_step']:.2f}x"
+            if r["framework"].startswith("caig_jax") and theirs:
+                ratio = f"{theirs['s_per_step'] / r['s_per_step']:.2f}x"
             loads = f"{r['load'][0].split()[0]} -> {r['load'][1].split()[0]}"
             print(f"| {size}x{size} | {size // 8}x{size // 8} | {r['framework']} | {r['params_m']:.0f} | "
                   f"{r['compile_s']:.1f} | {r['s_per_step']:.3f} | {r['peak_rss_gb']:.2f} | {loads} | {ratio} |")

@@ -38,6 +38,7 @@ from ml_collections import config_flags
 from caig_jax import parallel
 from caig_jax.config_files import add_config_root
 from caig_jax.errors import UserError
+from caig_jax.models import attention as attention_lib
 from caig_jax.models.llava import LlavaModel, layout_for, llava_next_vicuna_7b, read_llava_config
 from caig_jax.models.lora import apply_lora
 from caig_jax.models.reward import RewardModel, tiny_llava_config
@@ -118,7 +119,8 @@ def reward_program(config, mesh: Mesh) -> Program:
     dtype = jnp.dtype(config.model.dtype)
     graphdef, state = parallel.abstract_with_shardings(
         lambda: RewardModel(llava_config, rngs=nnx.Rngs(0), dtype=dtype), mesh)
-    model = nnx.merge(graphdef, state)
+    # `auto` from the target topology's devices: a TPU step compiled on a CPU host gets splash attention.
+    model = attention_lib.configure(nnx.merge(graphdef, state), config.model.get("attention", "auto"), mesh, dtype)
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(config, workdir, mesh, model, make_loss_fn(config.loss.point_weight))
         trainer.close()
@@ -162,7 +164,7 @@ def preference_program(config, mesh: Mesh) -> Program:
         return model
 
     graphdef, state = parallel.abstract_with_shardings(make, mesh)
-    model = nnx.merge(graphdef, state)
+    model = attention_lib.configure(nnx.merge(graphdef, state), config.model.get("attention", "auto"), mesh, dtype)
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(config, workdir, mesh, model, make_preference_loss(config))
         trainer.close()

@@ -32,6 +32,7 @@ from caig_jax.convert.clip import load_clip_text_model
 from caig_jax.convert.diffusers import load_controlnet, load_ldm_single_file, load_unet, load_vae
 from caig_jax.diffusion.pipeline import Renderer
 from caig_jax.diffusion.schedulers import SD15_SCHEDULER_CONFIG, load_scheduler_config
+from caig_jax.models import attention as attention_lib
 
 __all__ = ["Renderer", "from_pretrained"]
 
@@ -46,7 +47,7 @@ def _load_tokenizer(folder: str):
         raise ValueError(f"cannot load a CLIP tokenizer from {folder!r}: {e}") from e
 
 
-def from_pretrained(sd_path, *, controlnet_path=None, dtype=jnp.float32, mesh=None) -> Renderer:
+def from_pretrained(sd_path, *, controlnet_path=None, dtype=jnp.float32, mesh=None, attention="auto") -> Renderer:
     """Loads a Stable Diffusion renderer (and optionally a ControlNet), parameters streamed onto `mesh`.
 
     Args:
@@ -57,6 +58,8 @@ def from_pretrained(sd_path, *, controlnet_path=None, dtype=jnp.float32, mesh=No
       dtype: compute dtype of the modules (parameters are stored in the same dtype).
       mesh: a `('data', 'fsdp', 'tensor')` mesh: parameters are sharded by their logical axes and sampling
         batches are split over ('data', 'fsdp'). None: everything on the default device.
+      attention: the attention implementation of every module (`caig_jax.models.attention`; `auto` is resolved
+        from `mesh`'s devices).
 
     Returns:
       A `Renderer` with `unet`, `vae`, `text_encoder`, `controlnet` (None without one), `tokenizer`,
@@ -99,6 +102,9 @@ def from_pretrained(sd_path, *, controlnet_path=None, dtype=jnp.float32, mesh=No
     controlnet = None
     if controlnet_path:
         controlnet = load_controlnet(os.fspath(controlnet_path), dtype=dtype, mesh=mesh)
+    for module in (unet, vae, text_encoder, controlnet):
+        if module is not None:
+            attention_lib.configure(module, attention, mesh, dtype)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     sample_size = unet.config.sample_size
     if isinstance(sample_size, (tuple, list)):

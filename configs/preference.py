@@ -60,8 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.render.controlnet_path = ""
     c.render.steps = 30
     c.render.guidance_scale = 7.5
+    c.render.attention = "auto"  # the SD renderer's attention, as model.attention
 
-    c.model = ml_collections.ConfigDict({"remat_policy": "none"})
+    # attention: xla | chunked | splash | cudnn | auto (from the mesh's devices; models/attention.py)
+    c.model = ml_collections.ConfigDict({"remat_policy": "none", "attention": "auto"})
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 8
     c.lora.alpha = 16.0

@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.controlnet_path = ""
     c.tiny_random_weights = False  # with sd_path empty: write and use a tiny random SD (tiny preset only)
     c.dtype = "float32"  # or "bfloat16" (accelerators)
+    c.attention = "auto"  # xla | chunked | splash | cudnn | auto (from the mesh's devices; models/attention.py)
     # Products: the JSON list; "" = draw synthetic ones when `synthetic_products`.
     c.products = ""
     c.synthetic_products = False

@@ -69,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Fixed sequence length (image tokens included): one compiled program. The marketplace's longest RM
     # conversation is 164 tokens with the tiny tokenizer; a longer one fails naming max_len.
     c.model.max_text_len = 176
+    c.model.attention = "auto"  # xla | chunked | splash | cudnn | auto (from the mesh's devices; models/attention.py)
     c.model.remat_policy = "none"  # recompute layer activations in backward: none | full | dots | dots_no_batch
     c.model.lora_rank = 0  # >0: LoRA on the LLM's linear layers (set train.trainable='lora')
     c.model.lora_alpha = 256.0

@@ -93,6 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = ""  # LLaVA(-NeXT) folder; "" = the tiny random model below
     c.model.dtype = "float32"  # compute dtype (bfloat16 on TPU); parameters stay float32
+    c.model.attention = "auto"  # xla | chunked | splash | cudnn | auto (from the mesh's devices; models/attention.py)
     c.model.lora_rank = 0  # >0: LoRA on the LLM linears matching lora_target (set train.trainable='lora')
     c.model.lora_alpha = 256.0
     c.model.lora_dropout = 0.0

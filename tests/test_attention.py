@@ -78,6 +78,36 @@ def test_chunked_matches_xla(small_blocks, case):
         assert _rel(g, w) < TOL, name
 
 
+@pytest.mark.parametrize("case", ["causal_gqa_left_pad", "no_mask", "decode_step"])
+def test_splash_in_interpret_mode_matches_xla(monkeypatch, case):
+    """The Pallas TPU kernel run by the Pallas interpreter on CPU, at one 128 x 128 block (splash's tile); the
+    decode step is the case splash cannot express and hands to `xla`."""
+    import functools
+
+    monkeypatch.setattr(attention, "_splash", functools.partial(attention._splash, interpret=True))
+    q, k, v, mask = _case(case)
+    if case != "decode_step":  # splash tiles 128 positions: stretch the case to one tile (padding rows kept)
+        q, k, v = (jnp.concatenate([x] * 2, axis=1)[:, :128] for x in (q, k, v))
+        if mask is not None:
+            mask = attention.causal_mask(q.shape[0], 128, jnp.concatenate([mask.kv_valid] * 2, axis=1)[:, :128])
+    want, want_grads = _forward_and_grads("xla", q, k, v, mask)
+    got, got_grads = _forward_and_grads("splash", q, k, v, mask)
+    assert _rel(got, want) < TOL
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        assert _rel(g, w) < TOL, name
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="cuDNN's fused attention runs on a GPU only")
+@pytest.mark.parametrize("case", ["causal_gqa_left_pad", "no_mask"])
+def test_cudnn_matches_xla_in_bf16(case):
+    """cuDNN takes fp16/bf16 only: compared at bf16 output rounding, not the float32 tolerance."""
+    q, k, v, mask = _case(case)
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    want = attention.attention(q, k, v, mask, impl="xla").astype(jnp.float32)
+    got = jax.jit(lambda q, k, v: attention.attention(q, k, v, mask, impl="cudnn"))(q, k, v)
+    assert _rel(got.astype(jnp.float32), want) < 2e-2
+
+
 def test_chunked_never_reads_fully_masked_key_blocks(small_blocks):
     """A decode step at slot 61 reads key blocks 0 and 1 (slots 0..63) only: values from slot 64 on may be NaN
     (never written) and the output stays finite and equal to xla's on clean values."""

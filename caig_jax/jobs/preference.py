@@ -47,6 +47,7 @@ from caig_jax.eval.grids import write_grid
 from caig_jax.eval.sft import MarketTruth
 from caig_jax.files import save_npz_atomic, write_atomic, write_json_atomic
 from caig_jax.metrics import MetricWriter
+from caig_jax.models import attention
 from caig_jax.models.prompt_model import generate_replies
 from caig_jax.objectives.reward import prefers_left
 from caig_jax.trainers.preference import build_policy, make_loss_fn, reference_params, sequence_logps_of
@@ -81,7 +82,8 @@ class World:
             if not r.sd_path:
                 raise UserError("config.render.kind='sd' needs config.render.sd_path (a diffusers SD-1.5 folder)",
                                 fix="pass --config.render.sd_path=DIR [--config.render.controlnet_path=DIR]")
-            self.renderer = render.from_pretrained(r.sd_path, controlnet_path=r.controlnet_path or None, mesh=mesh)
+            self.renderer = render.from_pretrained(r.sd_path, controlnet_path=r.controlnet_path or None, mesh=mesh,
+                                                   attention=r.attention)
             self.steps, self.guidance = r.steps, r.guidance_scale
         self._images: dict[str, np.ndarray] = {}
         self._cutouts: dict[str, np.ndarray] = {}
@@ -311,6 +313,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     checks.number("pcpo.mask_ratio", min=0, max=1)
     checks.integer("pcpo.patch_size", min=1)
     checks.choice("render.kind", ("market", "sd"))
+    checks.choice("render.attention", attention.CHOICES)
+    checks.choice("model.attention", attention.CHOICES)
     checks.integer("render.size", min=32)
     checks.integer("render.steps", min=1)
     checks.integer("lora.rank", min=1)

@@ -43,6 +43,7 @@ from caig_jax.data import market
 from caig_jax.data import product as product_lib
 from caig_jax.diffusion.schedulers import SCHEDULERS, SD15_SCHEDULER_CONFIG
 from caig_jax.files import write_json_atomic
+from caig_jax.models import attention
 from caig_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from caig_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from caig_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
@@ -262,7 +263,8 @@ def _resolve_model(config: ml_collections.ConfigDict, workdir: str):
             "%s. Nothing can be downloaded here; the images are noise by construction. Use the sd15 preset with "
             "real weights for real backgrounds.", folder,
         )
-    renderer = render.from_pretrained(sd_path, controlnet_path=controlnet_path, dtype=dtype, mesh=mesh)
+    renderer = render.from_pretrained(sd_path, controlnet_path=controlnet_path, dtype=dtype, mesh=mesh,
+                                      attention=config.attention)
     return renderer, sd_path, controlnet_path
 
 
@@ -276,6 +278,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     checks.string("controlnet_path")
     checks.boolean("tiny_random_weights")
     checks.choice("dtype", ("float32", "bfloat16"))
+    checks.choice("attention", attention.CHOICES)
     checks.string("products")
     checks.boolean("synthetic_products")
     checks.integer("num_products", min=1)

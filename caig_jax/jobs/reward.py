@@ -42,6 +42,7 @@ from caig_jax.eval import reward_accuracy
 from caig_jax.eval.pairwise import evaluate
 from caig_jax.eval.report import write_report
 from caig_jax.files import write_json_atomic
+from caig_jax.models import attention
 from caig_jax.models.reward import predict_batch
 from caig_jax.trainers.reward import build_model, make_loss_fn
 from caig_jax.trainers.trainer import Trainer
@@ -63,6 +64,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("train_split", "val_split", "test_split", "train_config"):
         checks.string(f"data.{key}")
     checks.choice("model.dtype", ("float32", "bfloat16"))
+    checks.choice("model.attention", attention.CHOICES)
     checks.integer("model.max_text_len", min=1)
     checks.integer("model.lora_rank", min=0)
     checks.number("model.lora_alpha", min=0, min_open=True)

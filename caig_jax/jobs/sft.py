@@ -46,6 +46,7 @@ from caig_jax.eval.sft import (
 from caig_jax.eval.sft_report import write_sft_report
 from caig_jax.files import write_json_atomic
 from caig_jax.metrics import MetricWriter
+from caig_jax.models import attention
 from caig_jax.models.lora import merge_lora
 from caig_jax.trainers.sft import build_model, make_loss_fn
 from caig_jax.trainers.trainer import Trainer
@@ -121,6 +122,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     checks.choice("data.prompt_selection", ("all", "top_logged_ctr"))
     checks.number("data.prompt_top_fraction", min=0, max=1, min_open=True)
     checks.choice("model.dtype", ("float32", "bfloat16"))
+    checks.choice("model.attention", attention.CHOICES)
     checks.integer("model.lora_rank", min=0)
     checks.number("model.lora_alpha", min=0, min_open=True)
     checks.number("model.lora_dropout", min=0, max=1)

@@ -120,6 +120,13 @@ def set_attention(model: nnx.Module, impl: str) -> nnx.Module:
     return model
 
 
+def configure(model: nnx.Module, name: str, mesh: jax.sharding.Mesh | None, dtype=jnp.float32) -> nnx.Module:
+    """`set_attention(model, resolve(name, ...))` for a model that runs on `mesh` (None: the default device) in
+    compute dtype `dtype`: what the jobs call with their `attention` setting."""
+    devices = jax.devices()[:1] if mesh is None else list(mesh.devices.flat)
+    return set_attention(model, resolve(name, devices, dtype))
+
+
 def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask | None = None, *, impl: str = "xla",
     scale: float | None = None,
@@ -349,19 +356,62 @@ def _chunked(q, k, v, q_positions, kv_valid, scale):
 
 
 def _cudnn(q, k, v, mask, scale):
-    """cuDNN flash attention (GPU, fp16/bf16). Causal masks with queries at slots `0..T-1` map to `is_causal`;
-    key padding to `key_value_seq_lengths` when it is right padding; anything else goes in as a dense mask."""
+    """cuDNN flash attention (GPU, fp16/bf16) via `jax.nn.dot_product_attention`; the mask goes in dense
+    `[B, 1, T, S]`, and rows that see no key get the `xla` form's mean of the values."""
     batch, q_len, heads, head_dim = q.shape
     dense = mask.dense(batch, q_len, k.shape[1])
     out = jax.nn.dot_product_attention(
         q, k, v, mask=None if dense is None else dense[:, None], scale=scale, implementation="cudnn")
-    return out.reshape(batch, q_len, heads * head_dim)
+    return _blind_rows_mean(out, v, mask).reshape(batch, q_len, heads * head_dim)
 
 
 # ------------------------------------------------------------------------------------------------ splash
 
 
+def _sees_any_key(mask: Mask, batch: int, q_len: int, kv_len: int) -> jax.Array | None:
+    """bool `[B, T]`: whether query t may see at least one key (None: all may)."""
+    if mask.kv_valid is None:
+        return None if mask.q_positions is None else mask.q_positions >= 0
+    if mask.q_positions is None:
+        return jnp.broadcast_to(jnp.any(mask.kv_valid, axis=1)[:, None], (batch, q_len))
+    seen = jnp.cumsum(mask.kv_valid.astype(jnp.int32), axis=1)  # [B, S]: valid keys at slots <= s
+    return jnp.take_along_axis(seen, jnp.clip(mask.q_positions, 0, kv_len - 1), axis=1) * (mask.q_positions >= 0) > 0
+
+
+def _blind_rows_mean(out, v, mask: Mask):
+    """`out` `[B, T, H, Dh]` with rows that see no key replaced by the mean of all values (as `xla` gives)."""
+    batch, q_len, heads, head_dim = out.shape
+    sees = _sees_any_key(mask, batch, q_len, v.shape[1])
+    if sees is None:
+        return out
+    mean_v = jnp.repeat(jnp.mean(v.astype(jnp.float32), axis=1), heads // v.shape[2], axis=1)  # [B, H, Dh]
+    return jnp.where(sees[:, :, None, None], out, mean_v[:, None].astype(out.dtype))
+
+
 def _splash(q, k, v, mask, scale, *, interpret: bool = False):
-    """Pallas splash attention (TPU; `interpret=True` on CPU). The causal rule and key padding go in as segment
-    ids and a causal block mask, so the kernel skips fully masked blocks as `chunked` does."""
-    raise NotImplementedError
+    """Pallas splash attention (TPU; `interpret=True` runs the same kernel on CPU). Queries at slots 0..T-1 with a
+    causal rule (every cache-free caller: `causal_mask`, the LLM's training and scoring passes) map to splash's
+    static causal block mask, so fully masked blocks are skipped; key padding goes in as segment ids (padding keys
+    in segment 0, every query in segment 1). What splash cannot express or tile (a KV cache's offset queries, a
+    reward head's gathered rows, lengths that are not multiples of its 128-wide blocks) runs the `xla` form."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    causal = mask.q_positions is not None
+    if (causal and q_len != kv_len) or q_len % 128 or kv_len % 128:
+        return _xla(q, k, v, mask.dense(batch, q_len, kv_len), scale)
+    groups = heads // kv_heads
+    base = splash_mask.CausalMask((q_len, kv_len)) if causal else splash_mask.FullMask((q_len, kv_len))
+    kernel = splash.make_splash_mqa_single_device(
+        splash_mask.MultiHeadMask([base] * groups), interpret=interpret)
+    valid = jnp.ones((batch, kv_len), jnp.int32) if mask.kv_valid is None else mask.kv_valid.astype(jnp.int32)
+    segments = splash.SegmentIds(q=jnp.ones((batch, q_len), jnp.int32), kv=valid)
+    # [B, KVH, G, T, Dh] queries against [B, KVH, S, Dh] keys: the MQA kernel per (example, key head).
+    qt = (q * scale).reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))
+    out = jax.vmap(per_head, in_axes=(0, 0, 0, 0))(qt, kt, vt, segments)  # [B, KVH, G, T, Dh]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
+    return _blind_rows_mean(out, v, mask).reshape(batch, q_len, heads * head_dim)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from caig_jax.models import attention
 from caig_jax.models.llava import LlavaModel, set_remat
 from caig_jax.models.lora import apply_lora, lora_train_mode, merge_lora
 from caig_jax.models.processing import LlavaInputs
@@ -42,6 +43,7 @@ def build_policy(config: ml_collections.ConfigDict, mesh) -> tuple[LlavaModel, m
     model, sft_config, inputs = load_sft(config.sft_workdir, mesh)
     merge_lora(model)
     set_remat(model, config.model.remat_policy)
+    attention.configure(model, config.model.attention, mesh, model.language_model.dtype)
     apply_lora(model.language_model, rank=config.lora.rank, alpha=config.lora.alpha, target=config.lora.target,
                seed=config.seed, dropout=config.lora.dropout)
     return model, sft_config, inputs

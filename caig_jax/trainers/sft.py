@@ -21,6 +21,7 @@ from flax import nnx
 from caig_jax import parallel
 from caig_jax.checkpoint import restore_params
 from caig_jax.data.sft_inputs import build_inputs
+from caig_jax.models import attention
 from caig_jax.models.llava import LlavaConfig, LlavaModel
 from caig_jax.models.llava import from_pretrained as llava_from_pretrained
 from caig_jax.models.lora import apply_lora, lora_train_mode
@@ -42,7 +43,7 @@ def build_model(config: ml_collections.ConfigDict, llava_config: LlavaConfig, me
     if config.model.lora_rank:
         apply_lora(model.language_model, rank=config.model.lora_rank, alpha=config.model.lora_alpha,
                    target=config.model.lora_target, seed=config.seed, dropout=config.model.lora_dropout)
-    return model
+    return attention.configure(model, config.model.get("attention", "auto"), mesh, dtype)
 
 
 def make_loss_fn(grad_accum_steps: int = 1):
