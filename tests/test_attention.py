@@ -33,16 +33,18 @@ def _case(name):
     valid = np.ones((b, s), bool)
     if name == "causal_gqa_left_pad":
         valid[1, :23] = False  # left padding: rows 0..22 of example 1 see no key at all
-        return q, k, v, attention.causal_mask(b, t, jnp.asarray(valid))
+        return q, k, v, attention.causal_mask(t, jnp.asarray(valid))
     if name in ("no_mask", "cross"):
         return q, k, v, None
     # A cache of s slots: the t new queries sit at slots start..start+t-1, later slots are not written yet.
     start = 61
     valid[:, start + t:] = False
     valid[0, :5] = False
-    positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = start + jnp.arange(t, dtype=jnp.int32)  # shared by the batch, as the LLM's decode passes them
+    if name == "cached_chunk":  # per-example positions work too
+        positions = jnp.broadcast_to(positions, (b, t))
     if name == "query_rows":  # a reward head: a few rows of a cache-free causal pass
-        return q, k, v, attention.causal_mask(b, s).take_queries(jnp.asarray([[69, 3, 40], [10, 0, 65]], jnp.int32))
+        return q, k, v, attention.causal_mask(s).take_queries(jnp.asarray([[69, 3, 40], [10, 0, 65]], jnp.int32))
     return q, k, v, Mask(positions, jnp.asarray(valid))
 
 
@@ -89,7 +91,7 @@ def test_splash_in_interpret_mode_matches_xla(monkeypatch, case):
     if case != "decode_step":  # splash tiles 128 positions: stretch the case to one tile (padding rows kept)
         q, k, v = (jnp.concatenate([x] * 2, axis=1)[:, :128] for x in (q, k, v))
         if mask is not None:
-            mask = attention.causal_mask(q.shape[0], 128, jnp.concatenate([mask.kv_valid] * 2, axis=1)[:, :128])
+            mask = attention.causal_mask(128, jnp.concatenate([mask.kv_valid] * 2, axis=1)[:, :128])
     want, want_grads = _forward_and_grads("xla", q, k, v, mask)
     got, got_grads = _forward_and_grads("splash", q, k, v, mask)
     assert _rel(got, want) < TOL
@@ -109,11 +111,11 @@ def test_cudnn_matches_xla_in_bf16(case):
 
 
 def test_chunked_never_reads_fully_masked_key_blocks(small_blocks):
-    """A decode step at slot 61 reads key blocks 0 and 1 (slots 0..63) only: values from slot 64 on may be NaN
-    (never written) and the output stays finite and equal to xla's on clean values."""
-    q, k, v, mask = _case("decode_step")
-    dirty = v.at[:, 64:].set(jnp.nan)
-    got = attention.attention(q, k, dirty, mask, impl="chunked")
+    """20 queries at cache slots 0..19 of a 90-slot cache read key block 0 (slots 0..31) only: values from slot 32
+    on may be NaN (never written) and the output stays finite and equal to xla's on clean values."""
+    q, k, v, _ = _case("cached_chunk")
+    mask = Mask(jnp.arange(q.shape[1], dtype=jnp.int32), jnp.broadcast_to(jnp.arange(k.shape[1]) < q.shape[1], k.shape[:2]))
+    got = attention.attention(q, k, v.at[:, 32:].set(jnp.nan), mask, impl="chunked")
     assert bool(jnp.all(jnp.isfinite(got)))
     assert _rel(got, attention.attention(q, k, v, mask, impl="xla")) < TOL
 

@@ -49,8 +49,10 @@ BLOCK_K = 256
 class Mask(NamedTuple):
     """Which keys each query may attend to; None fields impose nothing.
 
-    q_positions: `int32[B, T]`, the key slot of each query: key `s` is visible iff `s <= q_positions[b, t]`
-      (causal; a KV cache's queries sit at `cache_index + t`). None: no causal rule.
+    q_positions: `int32[T]` (the same for every example) or `int32[B, T]`, the key slot of each query: key `s` is
+      visible iff `s <= q_positions[(b,) t]` (causal; a KV cache's queries sit at `cache_index + t`). None: no
+      causal rule. Shared positions keep the blocked kernels' block counts free of a reduction over a sharded
+      batch (a collective per block).
     kv_valid: `bool[B, S]`, False for padding keys (and cache slots not yet written).
     """
 
@@ -61,24 +63,24 @@ class Mask(NamedTuple):
         """The mask of the queries `index` (`int32[B, Q]`) only, keys unchanged."""
         if self.q_positions is None:
             return self
-        return self._replace(q_positions=jnp.take_along_axis(self.q_positions, index, axis=1))
+        positions = jnp.broadcast_to(self.q_positions, (index.shape[0], self.q_positions.shape[-1]))
+        return self._replace(q_positions=jnp.take_along_axis(positions, index, axis=1))
 
     def dense(self, batch: int, q_len: int, kv_len: int) -> jax.Array | None:
         """bool `[B, T, S]` (True = may attend), or None when nothing is masked."""
         mask = None
         if self.q_positions is not None:
             keys = jnp.arange(kv_len, dtype=jnp.int32)
-            mask = keys[None, None, :] <= self.q_positions[:, :, None]
+            mask = keys <= self.q_positions[..., None]
         if self.kv_valid is not None:
             valid = self.kv_valid.astype(jnp.bool_)[:, None, :]
             mask = valid if mask is None else mask & valid
         return None if mask is None else jnp.broadcast_to(mask, (batch, q_len, kv_len))
 
 
-def causal_mask(batch: int, length: int, kv_valid: jax.Array | None = None) -> Mask:
+def causal_mask(length: int, kv_valid: jax.Array | None = None) -> Mask:
     """Causal mask for `length` queries at slots `0..length-1` (no cache), with optional key padding."""
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    return Mask(positions, None if kv_valid is None else jnp.asarray(kv_valid).astype(jnp.bool_))
+    return Mask(jnp.arange(length, dtype=jnp.int32), None if kv_valid is None else jnp.asarray(kv_valid).astype(jnp.bool_))
 
 
 def check(name: str, what: str = "attention") -> str:
@@ -203,17 +205,17 @@ def _layout(q, k, v, q_positions, kv_valid):
     kt = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, tk - kv_len), (0, 0)))
     vt = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, tk - kv_len), (0, 0)))
     big = np.iinfo(np.int32).max
-    pos = jnp.full((batch, q_len), big, jnp.int32) if q_positions is None else q_positions.astype(jnp.int32)
-    pos = jnp.pad(pos, ((0, 0), (0, tq - q_len)), constant_values=-1)  # padded queries see nothing
+    pos = jnp.full((q_len,), big, jnp.int32) if q_positions is None else q_positions.astype(jnp.int32)
+    pos = jnp.pad(pos, ((0, 0),) * (pos.ndim - 1) + ((0, tq - q_len),), constant_values=-1)  # padded: see nothing
     valid = jnp.ones((batch, kv_len), jnp.bool_) if kv_valid is None else kv_valid.astype(jnp.bool_)
     valid = jnp.pad(valid, ((0, 0), (0, tk - kv_len)))
     return qt, kt, vt, pos, valid, (bq, bk, tq // bq, tk // bk)
 
 
 def _block_mask(pos_i, valid_j, j, bk):
-    """bool `[B, 1, 1, bq, bk]`: query rows `pos_i[B, bq]` against key block j (`valid_j[B, bk]`)."""
+    """bool `[B, 1, 1, bq, bk]`: query rows `pos_i` (`[bq]` or `[B, bq]`) against key block j (`valid_j[B, bk]`)."""
     keys = j * bk + jnp.arange(bk, dtype=jnp.int32)
-    m = (keys[None, None, :] <= pos_i[:, :, None]) & valid_j[:, None, :]
+    m = (keys <= pos_i[..., None]) & valid_j[:, None, :]
     return m[:, None, None]
 
 
@@ -231,7 +233,7 @@ def _forward(qt, kt, vt, pos, valid, sizes, scale):
 
     def query_block(i):
         q_i = jax.lax.dynamic_slice_in_dim(qt, i * bq, bq, axis=3)
-        pos_i = jax.lax.dynamic_slice_in_dim(pos, i * bq, bq, axis=1)
+        pos_i = jax.lax.dynamic_slice_in_dim(pos, i * bq, bq, axis=pos.ndim - 1)
 
         def key_block(j, carry):
             m, total, acc = carry
@@ -278,7 +280,7 @@ def _backward(qt, kt, vt, pos, valid, out, lse, d_out, sizes, scale):
         dq, dk, dv = carry
         sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=i * bq, slice_size=bq, axis=3)
         q_i, do_i, lse_i, delta_i = sl(qt), sl(d_out), sl(lse[..., None])[..., 0], sl(delta[..., None])[..., 0]
-        pos_i = jax.lax.dynamic_slice_in_dim(pos, i * bq, bq, axis=1)
+        pos_i = jax.lax.dynamic_slice_in_dim(pos, i * bq, bq, axis=pos.ndim - 1)
 
         def key_block(j, inner):
             dq_i, dk, dv = inner
@@ -371,11 +373,12 @@ def _cudnn(q, k, v, mask, scale):
 def _sees_any_key(mask: Mask, batch: int, q_len: int, kv_len: int) -> jax.Array | None:
     """bool `[B, T]`: whether query t may see at least one key (None: all may)."""
     if mask.kv_valid is None:
-        return None if mask.q_positions is None else mask.q_positions >= 0
+        return None if mask.q_positions is None else jnp.broadcast_to(mask.q_positions >= 0, (batch, q_len))
     if mask.q_positions is None:
         return jnp.broadcast_to(jnp.any(mask.kv_valid, axis=1)[:, None], (batch, q_len))
+    positions = jnp.broadcast_to(mask.q_positions, (batch, q_len))
     seen = jnp.cumsum(mask.kv_valid.astype(jnp.int32), axis=1)  # [B, S]: valid keys at slots <= s
-    return jnp.take_along_axis(seen, jnp.clip(mask.q_positions, 0, kv_len - 1), axis=1) * (mask.q_positions >= 0) > 0
+    return jnp.take_along_axis(seen, jnp.clip(positions, 0, kv_len - 1), axis=1) * (positions >= 0) > 0
 
 
 def _blind_rows_mean(out, v, mask: Mask):
@@ -389,8 +392,9 @@ def _blind_rows_mean(out, v, mask: Mask):
 
 
 def _splash(q, k, v, mask, scale, *, interpret: bool = False):
-    """Pallas splash attention (TPU; `interpret=True` runs the same kernel on CPU). Queries at slots 0..T-1 with a
-    causal rule (every cache-free caller: `causal_mask`, the LLM's training and scoring passes) map to splash's
+    """Pallas splash attention (TPU; `interpret=True` runs the same kernel on CPU). A causal rule with positions
+    shared by the batch and T == S means queries at slots 0..T-1 in every caller (`causal_mask`, the LLM's
+    cache-free passes); it maps to splash's
     static causal block mask, so fully masked blocks are skipped; key padding goes in as segment ids (padding keys
     in segment 0, every query in segment 1). What splash cannot express or tile (a KV cache's offset queries, a
     reward head's gathered rows, lengths that are not multiples of its 128-wide blocks) runs the `xla` form."""
@@ -400,7 +404,7 @@ def _splash(q, k, v, mask, scale, *, interpret: bool = False):
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     causal = mask.q_positions is not None
-    if (causal and q_len != kv_len) or q_len % 128 or kv_len % 128:
+    if (causal and (q_len != kv_len or mask.q_positions.ndim != 1)) or q_len % 128 or kv_len % 128:
         return _xla(q, k, v, mask.dense(batch, q_len, kv_len), scale)
     groups = heads // kv_heads
     base = splash_mask.CausalMask((q_len, kv_len)) if causal else splash_mask.FullMask((q_len, kv_len))

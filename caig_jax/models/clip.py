@@ -337,7 +337,7 @@ class CLIPTextModel(nnx.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         x = self.embeddings(input_ids, jnp.asarray(position_ids, jnp.int32)).astype(self.dtype)
-        mask = attention.causal_mask(batch, length, attention_mask)
+        mask = attention.causal_mask(length, attention_mask)
         x, hidden_states = self.encoder(x, mask, collect=output_hidden_states)
         last = self.final_layer_norm(x)
         eos = self.config.eos_token_id

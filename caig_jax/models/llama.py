@@ -328,7 +328,7 @@ class LlamaForCausalLM(nnx.Module):
         if kv_mask is None:
             kv_mask = jnp.ones((batch, key_len), jnp.bool_)
         query_slots = jnp.asarray(cache_index, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
-        mask = attention.Mask(jnp.broadcast_to(query_slots, (batch, length)), kv_mask.astype(jnp.bool_))
+        mask = attention.Mask(query_slots, kv_mask.astype(jnp.bool_))
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
         x = inputs_embeds.astype(self.dtype)
         new_cache = []
