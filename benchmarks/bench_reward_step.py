@@ -17,6 +17,7 @@ Timed: one full training step, forward, CE + 0.5 * MSE on the heads at the last 
     loop's requests for batches. Each device count runs in its own process (`caig_jax.parallel.set_cpu_devices`
     must run before JAX starts) with the batch sharded over a `data` mesh of that many CPU devices.
   * torch: eager, `torch.set_num_threads(cores)`, `model.model(...)` + the heads, `torch.optim.AdamW`.
+`--attention xla,chunked` (default): each device count runs once per attention implementation.
 Sanity column: the first step's loss on both sides (same weights and batch, so they agree to float32 rounding).
 The machine may be shared: the load average before and after is printed.
 """
@@ -157,7 +158,7 @@ class _FixedBatches:
         pass
 
 
-def time_ours(folder: str, devices: int, steps: int) -> dict:
+def time_ours(folder: str, devices: int, steps: int, attention: str) -> dict:
     """Runs in a child process: `devices` CPU devices, the reward trainer on the fixed batch."""
     import logging
 
@@ -166,6 +167,7 @@ def time_ours(folder: str, devices: int, steps: int) -> dict:
     parallel.set_cpu_devices(devices)
     import jax
 
+    from caig_jax.models import attention as attention_lib
     from caig_jax.models import reward as reward_model
     from caig_jax.models.llava import layout_for
     from caig_jax.trainers import reward as reward_job
@@ -179,6 +181,7 @@ def time_ours(folder: str, devices: int, steps: int) -> dict:
     config.train.log_every = config.train.checkpoint_every = 10**6
     mesh = parallel.make_mesh({"data": -1})
     model = reward_model.from_pretrained(folder, mesh=mesh)  # caig_jax.models.reward
+    attention_lib.configure(model, attention, mesh)
     raw = dict(np.load(os.path.join(folder, "batch.npz")))
     batch = {"input_ids": raw["input_ids"].astype(np.int32), "attention_mask": raw["attention_mask"].astype(np.int32),
              "pixel_values": raw["pixel_values"], "image_layout": layout_for(model.config, raw["image_sizes"]),
@@ -192,7 +195,8 @@ def time_ours(folder: str, devices: int, steps: int) -> dict:
         trainer.train(data)
         trainer.close()
     intervals = np.diff(data.times)[WARMUP:]
-    return {"step_s": float(np.median(intervals)), "first_loss": first_loss, "devices": jax.device_count()}
+    return {"step_s": float(np.median(intervals)), "first_loss": first_loss, "devices": jax.device_count(),
+            "attention": attention_lib.resolve(attention, mesh.devices.flat)}
 
 
 def main() -> None:
@@ -200,26 +204,30 @@ def main() -> None:
     parser.add_argument("--devices", default="1,2,4,8", help="CPU device counts for ours, comma-separated")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--json", default="")
+    parser.add_argument("--attention", default="xla,chunked", help="our attention implementations, comma-separated")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(time_ours(args.folder, args.child, args.steps)))
+        print("RESULT " + json.dumps(time_ours(args.folder, args.child, args.steps, args.attention)))
         return
 
     load_before = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         model, heads, batch = build(folder)
-        for n in (int(x) for x in args.devices.split(",")):
+        runs = [(int(n), impl) for n in args.devices.split(",") for impl in args.attention.split(",")]
+        for n, impl in runs:
             env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", str(n), "--folder", folder,
-                                  "--steps", str(args.steps)], capture_output=True, text=True, cwd=REPO,
-                                 env={**env, "JAX_PLATFORMS": "cpu"})
+                                  "--steps", str(args.steps), "--attention", impl], capture_output=True, text=True,
+                                 cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"})
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             if out.returncode != 0 or line is None:
                 raise RuntimeError(f"ours with {n} CPU devices failed:\n{out.stderr[-3000:]}")
-            rows.append({"framework": f"caig_jax, {n} CPU device{'s' if n > 1 else ''}", **json.loads(line[7:])})
+            result = json.loads(line[7:])
+            rows.append({"framework": f"caig_jax, {n} CPU device{'s' if n > 1 else ''}, {result['attention']}",
+                         **result})
         rows.append({"framework": "transformers (PyTorch eager)", **time_torch(model, heads, batch, args.steps)})
     torch_s = rows[-1]["step_s"]
     print(f"\nTiny reward training step, batch {BATCH} x {MAX_LEN} positions, {os.cpu_count()} cores, "

@@ -22,7 +22,7 @@ def _rel(a, b) -> float:
 
 
 def _case(name):
-    """(q, k, v, mask) for one situation; sizes span several 16 x 32 blocks (see the `small_blocks` fixture)."""
+    """(q, k, v, mask) for one situation; sizes span several 8 x 8 blocks (see the `small_blocks` fixture)."""
     rng = np.random.default_rng(0)
     b, t, s, h, kvh, d = dict(
         causal_gqa_left_pad=(2, 70, 70, 4, 2, 8), no_mask=(2, 70, 70, 2, 2, 8), cross=(2, 40, 13, 2, 2, 8),
@@ -50,9 +50,10 @@ def _case(name):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 16 queries x 32 keys, so tiny inputs run many blocks, padding and causal skipping."""
-    monkeypatch.setattr(attention, "BLOCK_Q", 16)
-    monkeypatch.setattr(attention, "BLOCK_K", 32)
+    """Blocks of 8 queries x 8 keys, so tiny inputs run many blocks, padding and causal skipping (and score
+    matrices of more than 64 entries take the blocked path at all)."""
+    monkeypatch.setattr(attention, "BLOCK_Q", 8)
+    monkeypatch.setattr(attention, "BLOCK_K", 8)
 
 
 CASES = ["causal_gqa_left_pad", "no_mask", "cross", "decode_step", "cached_chunk", "query_rows"]
@@ -111,11 +112,11 @@ def test_cudnn_matches_xla_in_bf16(case):
 
 
 def test_chunked_never_reads_fully_masked_key_blocks(small_blocks):
-    """20 queries at cache slots 0..19 of a 90-slot cache read key block 0 (slots 0..31) only: values from slot 32
-    on may be NaN (never written) and the output stays finite and equal to xla's on clean values."""
+    """20 queries at cache slots 0..19 of a 90-slot cache read key blocks 0..2 (slots 0..23) only: values from
+    slot 24 on may be NaN (never written) and the output stays finite and equal to xla's on clean values."""
     q, k, v, _ = _case("cached_chunk")
     mask = Mask(jnp.arange(q.shape[1], dtype=jnp.int32), jnp.broadcast_to(jnp.arange(k.shape[1]) < q.shape[1], k.shape[:2]))
-    got = attention.attention(q, k, v.at[:, 32:].set(jnp.nan), mask, impl="chunked")
+    got = attention.attention(q, k, v.at[:, 24:].set(jnp.nan), mask, impl="chunked")
     assert bool(jnp.all(jnp.isfinite(got)))
     assert _rel(got, attention.attention(q, k, v, mask, impl="xla")) < TOL
 

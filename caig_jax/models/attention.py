@@ -137,6 +137,9 @@ def attention(
     batch, q_len, heads, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else float(scale)
     mask = Mask() if mask is None else mask
+    if impl == "chunked" and q_len * k.shape[1] <= BLOCK_Q * BLOCK_K:
+        # Scores no bigger than one block (decode steps, short inputs): nothing to block, the plain form is it.
+        impl = "xla"
     if impl == "xla":
         return _xla(q, k, v, mask.dense(batch, q_len, k.shape[1]), scale)
     if impl == "chunked":
@@ -184,8 +187,8 @@ def _blocks(length: int, block: int) -> tuple[int, int]:
 
 
 def _key_loop(n_blocks, nk, body, init):
-    """`body` over key blocks 0 .. n_blocks - 1; a single key block runs straight, without a loop (decode steps,
-    short sequences)."""
+    """`body` over key blocks 0 .. n_blocks - 1; a single key block (cross-attention to 77 text tokens) runs
+    straight, without a loop."""
     if nk == 1:
         return body(0, init)
     return jax.lax.fori_loop(0, n_blocks, body, init)
@@ -195,11 +198,8 @@ def _layout(q, k, v, q_positions, kv_valid):
     """Transposed, padded operands and the static sizes (see the comment above)."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
-    if q_len * kv_len <= BLOCK_Q * BLOCK_K:  # scores no bigger than one block: one block (decode, short inputs)
-        bq, tq, bk, tk = q_len, q_len, kv_len, kv_len
-    else:
-        bq, tq = _blocks(q_len, BLOCK_Q)
-        bk, tk = _blocks(kv_len, BLOCK_K)
+    bq, tq = _blocks(q_len, BLOCK_Q)
+    bk, tk = _blocks(kv_len, BLOCK_K)
     qt = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
     qt = jnp.pad(qt, ((0, 0),) * 3 + ((0, tq - q_len), (0, 0)))
     kt = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, tk - kv_len), (0, 0)))
