@@ -30,6 +30,7 @@ import ml_collections
 
 from caig_jax import parallel
 from caig_jax.config_checks import Checks, common_checks
+from caig_jax.config_files import differing_keys
 from caig_jax.errors import UserError
 from caig_jax.eval import caig_report
 from caig_jax.eval.grids import write_grid
@@ -148,7 +149,7 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> No
         with open(path) as f:
             saved = json.load(f)
         if saved != text:
-            diff = sorted(reward_job._flat_diff(saved, text))
+            diff = sorted(differing_keys(saved, text))
             raise UserError(f"{workdir} holds a CAIG run made with another config (differs in "
                             f"{', '.join(diff[:5]) or 'its layout'})",
                             fix="use a new --workdir for a new config, or re-run with the original one")
