@@ -18,6 +18,7 @@ from caig_jax.data import market_datasets
 from caig_jax.data.creative_lists import ListBatches, attribute_text, creative_lists
 from caig_jax.data.loader import reward_pair_source
 from caig_jax.main import load_config
+from caig_jax.metrics import read_jsonl
 from caig_jax.models.cg4ctr import CG4CTR, CG4CTRConfig
 from caig_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
 from caig_jax.models.vam import VAM, VAMConfig
@@ -178,23 +179,41 @@ def _main(args, timeout=900):
     return proc
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("preset,steps", [("vam_tiny", 300), ("cg4ctr_tiny", 300)])
-def test_short_run_through_main_beats_chance_on_held_out_products(world, tmp_path, preset, steps):
-    """Trained through `caig_jax.main`, each baseline orders the clearly-ordered pairs of products it never saw
-    better than chance (the product-bootstrap lower bound is above 0.5); test is read once by the job."""
-    workdir = str(tmp_path / preset)
-    _main([f"--config=configs/baselines.py:{preset}", f"--workdir={workdir}", f"--config.data.dir={world}",
-           f"--config.train.steps={steps}", f"--config.train.eval_every={steps}", "--config.eval.bootstrap_resamples=50"])
-    reads = [json.loads(line) for line in open(os.path.join(workdir, "test_reads.jsonl"))]
-    assert len(reads) == 1 and reads[0]["split"] == "test"
-    assert os.path.exists(os.path.join(workdir, "report.md"))
+@pytest.fixture(scope="module", params=["vam_tiny", "cg4ctr_tiny"])
+def trained(request, world, tmp_path_factory):
+    """Each baseline trained through `caig_jax.main` for 300 steps (its final evaluation reads test once)."""
+    workdir = str(tmp_path_factory.mktemp(request.param))
+    _main([f"--config=configs/baselines.py:{request.param}", f"--workdir={workdir}", f"--config.data.dir={world}",
+           "--config.train.steps=300", "--config.train.eval_every=300", "--config.train.checkpoint_every=300",
+           "--config.eval.bootstrap_resamples=50"])
+    return workdir
 
+
+@pytest.mark.slow
+def test_short_run_through_main_beats_chance_on_held_out_products(world, trained):
+    """The baseline orders the clearly-ordered pairs of products it never saw better than chance (the product-
+    bootstrap lower bound is above 0.5); the job read test once and wrote its report."""
+    reads = [json.loads(line) for line in open(os.path.join(trained, "test_reads.jsonl"))]
+    assert len(reads) == 1 and reads[0]["split"] == "test"
+    assert os.path.exists(os.path.join(trained, "report.md"))
     mesh = parallel.make_mesh({"data": 8})
-    model, config = baselines.load_trained(workdir, mesh)
+    model, config = baselines.load_trained(trained, mesh)
     from caig_jax.jobs.baselines import evaluate_split
 
     metrics = evaluate_split(config, world, "test", model, mesh, dataset_config="market_wide", final=True,
                              num_resamples=200)
     assert metrics["n"] > 500
     assert metrics["accuracy_ci"][0] > 0.5, (metrics["accuracy"], metrics["accuracy_ci"])
+
+
+@pytest.mark.slow
+def test_eval_sweep_accepts_a_baseline_checkpoint(trained, tmp_path):
+    """`model_kind=baseline`: the sweep restores the checkpoint and reproduces the job's own val evaluation."""
+    sweep = str(tmp_path / "sweep")
+    _main(["--config=configs/eval_sweep.py:tiny", f"--workdir={sweep}", f"--config.checkpoints={trained}",
+           "--config.model_kind=baseline", "--config.eval_sets=val=self:val", "--config.write_reports=False"])
+    row = json.load(open(os.path.join(sweep, "results.json")))[0]
+    val = [r for r in read_jsonl(os.path.join(trained, "metrics.jsonl")) if "eval/accuracy" in r][-1]
+    assert row["step"] == 300 and row["n"] == val["eval/n"]
+    assert row["accuracy"] == pytest.approx(val["eval/accuracy"], abs=1e-9)
+    assert row["margin_true_spearman"] == pytest.approx(val["eval/margin_true_spearman"], abs=1e-5)

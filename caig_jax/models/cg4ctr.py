@@ -100,15 +100,24 @@ class CG4CTR(nnx.Module):
         self.head_out = layers.linear(c.head_hidden, 1, ("mlp", "classes"), rngs=rngs, dtype=jnp.float32,
                                       param_dtype=param_dtype)
 
-    def __call__(self, images, title_ids, title_mask, caption_ids, caption_mask) -> jax.Array:
+    def encode_text(self, title_ids, title_mask, caption_ids, caption_mask) -> tuple[jax.Array, jax.Array]:
+        """(context [N, 2T, D]: title then caption tokens at the image width, mask bool[N, 2T])."""
+        title = self.title_encoder(title_ids, attention_mask=title_mask).last_hidden_state
+        caption = self.caption_encoder(caption_ids, attention_mask=caption_mask).last_hidden_state
+        context = self.text_proj(jnp.concatenate([title, caption], axis=1).astype(self.dtype))
+        mask = jnp.concatenate([jnp.asarray(title_mask), jnp.asarray(caption_mask)], axis=1).astype(bool)
+        return context, mask
+
+    def score(self, images, context, context_mask) -> jax.Array:
+        """float32[N] for images uint8[N, S, S, 3] and their products' `encode_text` (a product's creatives share
+        one encoding: a list of K creatives encodes its texts once)."""
         x = jnp.asarray(images, jnp.float32) / 255.0
         x = (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
         tokens = self.image_encoder(jnp.transpose(x, (0, 3, 1, 2))).last_hidden_state  # [N, 1 + P, D]
-        title = self.title_encoder(title_ids, attention_mask=title_mask).last_hidden_state
-        caption = self.caption_encoder(caption_ids, attention_mask=caption_mask).last_hidden_state
-        context = self.text_proj(jnp.concatenate([title, caption], axis=1).astype(self.dtype))  # [N, 2T, D]
-        context_mask = jnp.concatenate([jnp.asarray(title_mask), jnp.asarray(caption_mask)], axis=1).astype(bool)
         for layer in self.fusion:
             tokens = layer(tokens, context, context_mask)
         h = jax.nn.gelu(self.head_hidden(self.head_norm(tokens[:, 0]).astype(self.dtype)))
         return self.head_out(h.astype(jnp.float32))[:, 0]
+
+    def __call__(self, images, title_ids, title_mask, caption_ids, caption_mask) -> jax.Array:
+        return self.score(images, *self.encode_text(title_ids, title_mask, caption_ids, caption_mask))

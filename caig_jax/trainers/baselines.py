@@ -109,12 +109,15 @@ def text_encoder(tokenizer, max_len: int) -> TextEncoder:
 # ================================================================================================
 # Loss and prediction.
 # ================================================================================================
-def _creative_scores(model, images, text):
-    """(score float32[N], CTR prediction float32[N]) of single creatives `images uint8[N, S, S, 3]`."""
+def _creative_scores(model, images, text, repeat: int = 1):
+    """(score float32[N], CTR prediction float32[N]) of single creatives `images uint8[N, S, S, 3]`; `text`: the
+    products' TEXT_KEYS int32[N / repeat, T] (CG4CTR), each product's text encoded once for its `repeat`
+    consecutive creatives."""
     if isinstance(model, VAM):
         score, point = model(images)
         return score, point / VAM_POINT_SCALE
-    score = model(images, text["title_ids"], text["title_mask"], text["caption_ids"], text["caption_mask"])
+    context, mask = model.encode_text(*(text[k] for k in TEXT_KEYS))
+    score = model.score(images, jnp.repeat(context, repeat, axis=0), jnp.repeat(mask, repeat, axis=0))
     return score, jax.nn.sigmoid(score)
 
 
@@ -126,16 +129,16 @@ def make_loss_fn(config: ml_collections.ConfigDict):
         del rng
         lists, k = batch["mask"].shape
         images = batch["image"].reshape(lists * k, *batch["image"].shape[2:])
-        text = {key: jnp.repeat(batch[key], k, axis=0) for key in TEXT_KEYS if key in batch}
+        counts = (batch["clicks"], batch["impressions"], batch["mask"])
         if isinstance(model, VAM):
             score, point = model(images)
-            return vam_loss(score.reshape(lists, k), point.reshape(lists, k), batch["clicks"], batch["impressions"],
-                            batch["mask"], prior_clicks=loss.prior_clicks, prior_non_clicks=loss.prior_non_clicks,
+            return vam_loss(score.reshape(lists, k), point.reshape(lists, k), *counts,
+                            prior_clicks=loss.prior_clicks, prior_non_clicks=loss.prior_non_clicks,
                             label_temperature=loss.label_temperature, point_weight=loss.point_weight,
                             point_scale=VAM_POINT_SCALE)
-        score, _ = _creative_scores(model, images, text)
-        return cg4ctr_loss(score.reshape(lists, k), batch["clicks"], batch["impressions"], batch["mask"],
-                           list_weight=loss.list_weight, point_weight=loss.point_weight)
+        score, _ = _creative_scores(model, images, {key: batch[key] for key in TEXT_KEYS}, k)
+        return cg4ctr_loss(score.reshape(lists, k), *counts, list_weight=loss.list_weight,
+                           point_weight=loss.point_weight)
 
     return loss_fn
 
@@ -143,11 +146,11 @@ def make_loss_fn(config: ml_collections.ConfigDict):
 @functools.partial(jax.jit, static_argnums=0)
 def _predict(graphdef, state, batch):
     model = nnx.merge(graphdef, state)
-    n = batch["left_image"].shape[0]
-    images = jnp.concatenate([batch["left_image"], batch["right_image"]], axis=0)
-    text = {k: jnp.concatenate([batch[k], batch[k]], axis=0) for k in TEXT_KEYS if k in batch}
-    score, ctr = _creative_scores(model, images, text)
-    return jnp.stack([score[:n], score[n:]], axis=-1), jnp.stack([ctr[:n], ctr[n:]], axis=-1)
+    # [left_0, right_0, left_1, right_1, ...]: each pair's two creatives share their product's text encoding
+    images = jnp.stack([batch["left_image"], batch["right_image"]], axis=1)
+    images = images.reshape(-1, *images.shape[2:])
+    score, ctr = _creative_scores(model, images, {k: batch[k] for k in TEXT_KEYS if k in batch}, 2)
+    return score.reshape(-1, 2), ctr.reshape(-1, 2)
 
 
 def predict_batch(model, batch: dict, mesh) -> dict[str, np.ndarray]:
