@@ -2,7 +2,8 @@
 
 Command (from the repository root; not CI: 5 jobs per model seed, about 15-25 CPU-minutes per seed on 2 cores):
     .venv/bin/python benchmarks/reward_comparison.py --out runs/comparison [--world-seeds 0] [--model-seeds 0,1,2]
-        [--methods vam,cg4ctr,zero_shot,caig_rm,caig_rm_no_point] [--data-dir DIR] [-- --config.KEY=VALUE ...]
+        [--runs 0:0,0:1,1:0] [--methods vam,cg4ctr,zero_shot,caig_rm,caig_rm_no_point] [--data-dir DIR]
+        [-- --config.KEY=VALUE ...]
 
 Rows (the paper's, on CreativeRanking: GPT-4o 50.2, VAM 52.2, LLaVA 52.8, CG4CTR 53.1, CAIG 56.2 %):
 - `random`: a coin flip per pair (seeded by the model seed) on the same test pairs;
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -70,6 +72,11 @@ def _load_avg() -> str:
     return "%.1f %.1f %.1f" % os.getloadavg()
 
 
+def _child_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_job(method: str, workdir: str, data_dir: str, world_seed: int | None, model_seed: int,
             extra: list[str]) -> dict:
     """Runs (or reads back) one job; returns {'metrics', 'seconds', 'load_before', 'load_after', 'reused'}."""
@@ -93,16 +100,31 @@ def run_job(method: str, workdir: str, data_dir: str, world_seed: int | None, mo
     command += extra
     print(f"[{time.strftime('%H:%M:%S')}] {method}: {' '.join(command[2:])}", flush=True)
     os.makedirs(workdir, exist_ok=True)
-    t0, load = time.time(), _load_avg()
+    t0, load, cpu0 = time.time(), _load_avg(), _child_cpu()
     with open(os.path.join(workdir, "comparison.log"), "a") as log:
         subprocess.run(command, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
-    timing = {"seconds": time.time() - t0, "load_before": load, "load_after": _load_avg()}
+    # CPU seconds (user + system) next to the wall time: on a shared machine the wall time follows the load
+    timing = {"seconds": time.time() - t0, "cpu_seconds": _child_cpu() - cpu0, "load_before": load,
+              "load_after": _load_avg()}
     with open(timing_path, "w") as f:
         json.dump(timing, f)
     metrics = saved()
     if metrics is None:
         raise RuntimeError(f"{workdir}: the job finished without a complete final evaluation")
     return {"metrics": metrics, **timing, "reused": False}
+
+
+def world_data(seed: int, folder: str) -> dict:
+    """{'tfds', 'report'} of world `seed` in `folder`: used as it is when it holds its datasets and world report
+    (e.g. a link to `benchmarks/reward_seeds.py`'s world), else built (`reward_seeds.build_world`)."""
+    folder = os.path.realpath(folder)
+    report = os.path.join(folder, "market", "world_report.json")
+    if os.path.isdir(os.path.join(folder, "tfds", "ctr_logs", "market")) and os.path.exists(report):
+        print(f"[{time.strftime('%H:%M:%S')}] world {seed}: using {folder}", flush=True)
+        with open(report) as f:
+            return {"tfds": os.path.join(folder, "tfds"), "report": json.load(f)}
+    print(f"[{time.strftime('%H:%M:%S')}] world {seed}: building {folder}", flush=True)
+    return build_world(seed, folder)
 
 
 def _pairs(path: str) -> dict[str, np.ndarray]:
@@ -189,12 +211,13 @@ def markdown(result: dict) -> str:
                 cells.append("—" if x is None else f"{100 * x['difference']:+.1f}{_fmt_ci(x['ci'], 'pct')}")
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Every run", "", "| world | model seed | method | " + " | ".join(c for _, c, _ in METRICS)
-              + " | wall time | load avg at start (1/5/15 min) |", "|" + " --- |" * (5 + len(METRICS))]
+              + " | wall time (CPU time) | load avg at start (1/5/15 min) |", "|" + " --- |" * (5 + len(METRICS))]
     for r in result["rows"]:
         cells = [str(r["world"]), str(r["model_seed"]), LABELS[r["method"]]]
         cells += [_fmt(r["metrics"].get(k), kind) + _fmt_ci(r["metrics"].get(CI_KEYS[k]), kind) for k, _, kind in METRICS]
-        secs = r.get("seconds")
-        cells += ["—" if secs is None else f"{secs / 60:.1f} min", r.get("load_before") or "—"]
+        secs, cpu = r.get("seconds"), r.get("cpu_seconds")
+        cells += ["—" if secs is None else f"{secs / 60:.1f} min" + ("" if cpu is None else f" ({cpu / 60:.1f} CPU-min)"),
+                  r.get("load_before") or "—"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -208,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--world-seeds", default="0")
     parser.add_argument("--model-seeds", default="0,1,2")
     parser.add_argument("--methods", default=",".join(JOBS))
+    parser.add_argument("--runs", default="", help="WORLD:MODEL seed pairs, e.g. 0:0,0:1,1:0 (instead of every "
+                        "world seed x model seed)")
     parser.add_argument("--data-dir", default="", help="a ctr_logs TFDS dir (CreativeRanking) instead of worlds")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
@@ -217,15 +242,19 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {sorted(JOBS)}")
     worlds = [None] if args.data_dir else [int(x) for x in args.world_seeds.split(",")]
+    model_seeds = {ws: [int(x) for x in args.model_seeds.split(",")] for ws in worlds}
+    if args.runs and not args.data_dir:
+        pairs_wm = [tuple(int(x) for x in run.split(":")) for run in args.runs.split(",")]
+        worlds = sorted({w for w, _ in pairs_wm})
+        model_seeds = {ws: [m for w, m in pairs_wm if w == ws] for ws in worlds}
     rows, differences, ceilings = [], [], {}
     for ws in worlds:
         if ws is None:
             data_dir, report, tag = os.path.abspath(args.data_dir), None, "data"
         else:
-            print(f"[{time.strftime('%H:%M:%S')}] world {ws}: building or reusing {out}/world{ws}", flush=True)
-            world = build_world(ws, os.path.join(out, f"world{ws}"))
+            world = world_data(ws, os.path.join(out, f"world{ws}"))
             data_dir, report, tag = world["tfds"], world["report"], f"w{ws}"
-        for ms in [int(x) for x in args.model_seeds.split(",")]:
+        for ms in model_seeds[ws]:
             runs, pairs = {}, {}
             for method in methods:
                 workdir = os.path.join(out, f"{tag}_m{ms}", method)
@@ -261,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
         if mine:
             summary[method] = {"runs": len(mine), **{key: summarise([r["metrics"].get(key) for r in mine])
                                                     for key, _, _ in METRICS}}
-    result = {"data_dir": args.data_dir, "world_seeds": worlds, "model_seeds": args.model_seeds, "overrides": extra,
+    result = {"data_dir": args.data_dir, "runs": {str(w): m for w, m in model_seeds.items()}, "overrides": extra,
               "summary": summary, "differences": differences, "rows": rows}
     with open(os.path.join(out, "comparison.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
