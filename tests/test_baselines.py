@@ -133,12 +133,12 @@ def test_baseline_parameters_carry_logical_axes():
 
 
 def test_calibration_plot_takes_a_bin_whose_pairs_all_went_one_way(tmp_path):
-    """Three pairs in one bin, all won by the left side: Wilson's upper bound is 1 - 1e-16, not 1 (a CG4CTR run's
+    """Three pairs in one bin, all won by the right side: Wilson's lower bound is 5.6e-17, not 0 (a CG4CTR run's
     report crashed on it)."""
     from caig_jax.eval.plots import calibration_plot
 
     logits = np.asarray([[3.0, 0.0]] * 3 + [[0.0, 0.1]] * 5)
-    path = calibration_plot(logits, np.asarray([0, 0, 0, 1, 0, 1, 1, 0]), str(tmp_path / "calibration.png"))
+    path = calibration_plot(logits, np.asarray([1, 1, 1, 1, 0, 1, 1, 0]), str(tmp_path / "calibration.png"))
     assert os.path.getsize(path) > 0
 
 
