@@ -162,6 +162,7 @@ def world(tmp_path_factory):
     return os.path.join(root, "tfds")
 
 
+@pytest.mark.slow
 def test_creative_lists_regroup_the_training_pairs(world):
     source = reward_pair_source(world, "train", "market_wide")
     lists = creative_lists(source, 16)
