@@ -142,6 +142,17 @@ def test_calibration_plot_takes_a_bin_whose_pairs_all_went_one_way(tmp_path):
     assert os.path.getsize(path) > 0
 
 
+def test_paper_sized_vam_is_resnet18():
+    """`configs/baselines.py:vam` builds (abstractly) ResNet-18: torchvision's 11,689,512 parameters without its
+    1000-way classifier (513,000; GroupNorm has BatchNorm's scale and bias) plus the score and point heads (2 x 513);
+    a 224 px creative gives one score and one point prediction."""
+    config = load_config(os.path.join(REPO, "configs", "baselines.py:vam"))
+    model = nnx.eval_shape(lambda: VAM(baselines.vam_config(config), rngs=nnx.Rngs(0)))
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == 11_689_512 - 513_000 + 2 * 513
+    score, point = nnx.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.uint8))
+    assert score.shape == point.shape == (2,)
+
+
 def test_attribute_text():
     assert attribute_text("water_bottle", '{"colour": "teal", "brand": "Aurora"}') == (
         "category: water bottle; colour: teal; brand: Aurora")

@@ -29,7 +29,6 @@ from caig_jax import parallel
 from caig_jax.config_checks import Checks, common_checks, market_checks, train_checks
 from caig_jax.data import reward_inputs
 from caig_jax.data.creative_lists import ListBatches, creative_lists
-from caig_jax.data.reward_inputs import train_source
 from caig_jax.eval import reward_accuracy
 from caig_jax.eval.pairwise import evaluate
 from caig_jax.eval.report import write_report
@@ -143,7 +142,7 @@ def train_one(config, workdir: str, data_dir: str, mesh):
     if config.model.kind == "zero_shot":
         judge = baselines.build_zero_shot(run_config, workdir, data_dir, mesh)
         return judge, run_config, evaluate_val(judge, 0)
-    lists = creative_lists(train_source(config, data_dir), config.data.image_size)
+    lists = creative_lists(reward_inputs.train_source(config, data_dir), config.data.image_size)
     log.info("%d training products, %d creatives (at most %d per product)", len(lists.lists), len(lists.ids),
              lists.max_creatives)
     tokenizer = baselines.tokenizer_for(run_config, workdir, lists)
