@@ -6,9 +6,10 @@ Run (CPU, tiny; the same marketplace as `configs/reward.py:tiny`, built into `<w
     python -m caig_jax.main --config=configs/baselines.py:cg4ctr_tiny --workdir=runs/cg4ctr_tiny
     python -m caig_jax.main --config=configs/baselines.py:zero_shot_tiny --workdir=runs/zero_shot_tiny
 
-Expect: the training split's pairs regrouped into product lists (~840 products, 8-10 creatives each), a progress
-bar while the list-wise loss falls, a val evaluation at the end, then the final evaluation (test read once,
-`test_reads.jsonl`) and the reward model's headline metrics in `<workdir>/report.md`.
+Expect: the training split's pairs regrouped into product lists (world seed 0: 840 products, 7070 creatives, up to 10 per
+product), a progress bar (CG4CTR's list-wise loss stays near its soft labels' entropy, ~1.9), a val evaluation at the
+end, then the final evaluation (test read once, `test_reads.jsonl`) and the reward model's headline metrics in
+`<workdir>/report.md`.
 `benchmarks/reward_comparison.py` runs every row of the paper's comparison over seeds and writes one table.
 
 Presets (`:ARG`):
