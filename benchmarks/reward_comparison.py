@@ -25,7 +25,8 @@ What it does (DESIGN.md section 5):
 - writes `<out>/comparison.md` and `.json`: per method the mean over runs (model seeds x world seeds), the sample
   sd and a 95% t-interval over runs of accuracy vs logged labels, true-ratio agreement and margin-true
   Spearman; every run with its product-bootstrap intervals; and CAIG RM minus each baseline, paired on the same
-  test pairs, with a product-clustered bootstrap interval of the difference.
+  test pairs, with a product-clustered bootstrap interval of the difference, per run and pooled over a world's
+  model seeds.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ METRICS = (("accuracy", "acc. vs logged labels", "pct"), ("true_ratio_agreement"
 CI_KEYS = {"accuracy": "accuracy_product_ci", "true_ratio_agreement": "true_ratio_agreement_ci",
            "margin_true_spearman": "margin_true_spearman_ci"}
 PREDICTIONS = "test_predictions.process0.npz"
+COMPARED = ("vam", "cg4ctr", "zero_shot", "caig_rm_no_point")  # CAIG RM minus each of these, paired
+DIFF_KEYS = ("accuracy", "true_ratio_agreement")
 
 
 def _load_avg() -> str:
@@ -140,28 +143,34 @@ def _metrics(cls_logits, pairs: dict, seed: int = 0) -> dict:
         items=pairs["item_id"], left_ids=pairs["left_id"], right_ids=pairs["right_id"], seed=seed)))
 
 
-def paired_difference(a: dict, b: dict, key: str, num_resamples: int = 1000) -> dict | None:
-    """CAIG minus a baseline on the same test pairs: `key` in ('accuracy', 'true_ratio_agreement'), with a
-    product-clustered bootstrap interval of the difference (`caig_jax.eval.intervals`)."""
+def paired_difference(caig: list[dict], other: list[dict], key: str, num_resamples: int = 1000) -> dict | None:
+    """CAIG minus another judge on the same test pairs: `key` in ('accuracy', 'true_ratio_agreement'), with a
+    product-clustered bootstrap interval of the difference (`caig_jax.eval.intervals`). `caig` and `other` are the
+    test predictions of one or more runs each (model seeds of one world: the per-pair difference is averaged over
+    them, so the interval resamples products with every seed's judgement of them)."""
     from caig_jax.data.world import TRUE_RATIO_BAND, true_ratio
     from caig_jax.eval.intervals import clustered_bootstrap
     from caig_jax.objectives.reward import prefers_left
 
-    if not np.array_equal(a["index"], b["index"]):
-        raise ValueError("the two runs' test predictions hold different pairs: not comparable")
+    a = caig[0]
+    if any(not np.array_equal(a["index"], p["index"]) for p in caig + other):
+        raise ValueError("the runs' test predictions hold different pairs: not comparable")
     rows, target = np.ones(len(a["label"]), bool), a["label"]
     if key == "true_ratio_agreement":  # pairs whose true CTRs are known and in the band (none in real logs)
         known = np.isfinite(a["true_ctr"]).all(1)
-        ratio = np.where(known[:, None], a["true_ctr"], 1.0)
-        ratio = true_ratio(ratio)
+        ratio = true_ratio(np.where(known[:, None], a["true_ctr"], 1.0))
         rows = known & (ratio >= TRUE_RATIO_BAND[0]) & (ratio <= TRUE_RATIO_BAND[1])
         target = np.where(prefers_left(a["true_ctr"][:, 0], a["true_ctr"][:, 1]), 0, 1)
     if not rows.any():
         return None
-    decide = lambda p: np.where(prefers_left(p["cls_logits"][:, 0], p["cls_logits"][:, 1]), 0, 1)  # noqa: E731
-    diff = ((decide(a) == target).astype(float) - (decide(b) == target).astype(float))[rows]
+
+    def right(runs):  # float[N]: share of the runs whose decision matches the target, per pair
+        return np.mean([np.where(prefers_left(p["cls_logits"][:, 0], p["cls_logits"][:, 1]), 0, 1) == target
+                        for p in runs], axis=0)
+
+    diff = (right(caig) - right(other))[rows]
     lo, hi = clustered_bootstrap(lambda r: float(diff[r].mean()), a["item_id"][rows], num_resamples=num_resamples)
-    return {"difference": float(diff.mean()), "ci": [lo, hi], "pairs": int(rows.sum())}
+    return {"difference": float(diff.mean()), "ci": [lo, hi], "pairs": int(rows.sum()), "runs": len(caig)}
 
 
 def summarise(values: list[float]) -> dict:
@@ -201,7 +210,9 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if result["differences"]:
         lines += ["", "## CAIG RM minus each baseline, paired on the same test pairs", "",
-                  "Per run: the difference with its 95% product-clustered bootstrap interval (1000 resamples).", "",
+                  "Per run: the difference with its 95% product-clustered bootstrap interval (1000 resamples); "
+                  "'all (pooled)': the per-pair difference averaged over the world's model seeds, products resampled.",
+                  "",
                   "| world | model seed | baseline | Δ acc. vs logged [CI] | Δ true-ratio agreement [CI] |",
                   "| --- | --- | --- | --- | --- |"]
         for d in result["differences"]:
@@ -247,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
         pairs_wm = [tuple(int(x) for x in run.split(":")) for run in args.runs.split(",")]
         worlds = sorted({w for w, _ in pairs_wm})
         model_seeds = {ws: [m for w, m in pairs_wm if w == ws] for ws in worlds}
-    rows, differences, ceilings = [], [], {}
+    rows, differences, ceilings, world_pairs = [], [], {}, {}
     for ws in worlds:
         if ws is None:
             data_dir, report, tag = os.path.abspath(args.data_dir), None, "data"
@@ -278,11 +289,17 @@ def main(argv: list[str] | None = None) -> dict:
                                 "margin_true_spearman": None}
                 rows.append({"world": ws, "model_seed": "—", "method": "exact_feature_ceiling",
                              "metrics": ceilings[ws]})
+            for method, p in pairs.items():
+                world_pairs.setdefault((ws, method), []).append(p)
             if "caig_rm" in pairs:
-                for baseline in [m for m in ("vam", "cg4ctr", "zero_shot", "caig_rm_no_point") if m in pairs]:
+                for baseline in [m for m in COMPARED if m in pairs]:
                     differences.append({"world": ws, "model_seed": ms, "baseline": baseline, **{
-                        key: paired_difference(pairs["caig_rm"], pairs[baseline], key)
-                        for key in ("accuracy", "true_ratio_agreement")}})
+                        key: paired_difference([pairs["caig_rm"]], [pairs[baseline]], key) for key in DIFF_KEYS}})
+        if len(model_seeds[ws]) > 1 and (ws, "caig_rm") in world_pairs:
+            for baseline in [m for m in COMPARED if (ws, m) in world_pairs]:
+                differences.append({"world": ws, "model_seed": "all (pooled)", "baseline": baseline, **{
+                    key: paired_difference(world_pairs[(ws, "caig_rm")], world_pairs[(ws, baseline)], key)
+                    for key in DIFF_KEYS}})
     order = ["random", "zero_shot", "vam", "cg4ctr", "caig_rm_no_point", "caig_rm", "exact_feature_ceiling", "oracle"]
     summary = {}
     for method in order:
