@@ -47,3 +47,13 @@ def load_config(spec: str) -> ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
+
+
+def differing_keys(a, b, prefix: str = "") -> set[str]:
+    """The dotted keys whose values differ between two nested dicts (e.g. a saved config and a new one)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = set()
+        for k in set(a) | set(b):
+            out |= differing_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return set() if a == b else {prefix.rstrip(".")}

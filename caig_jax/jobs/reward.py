@@ -33,6 +33,7 @@ import ml_collections
 
 from caig_jax import parallel
 from caig_jax.config_checks import Checks, common_checks, market_checks, train_checks
+from caig_jax.config_files import differing_keys
 from caig_jax.errors import MissingPathError
 from caig_jax.data.loader import reward_batches
 from caig_jax.data.market_datasets import build_world
@@ -193,22 +194,13 @@ def saved_final_evaluation(config: ml_collections.ConfigDict, workdir: str) -> d
         saved = json.load(f)
     if saved.get("config") != json.loads(_config_text(config)):
         old, new = saved.get("config") or {}, json.loads(_config_text(config))
-        diff = sorted(_flat_diff(old, new))
+        diff = sorted(differing_keys(old, new))
         raise UserError(
             f"{path}: this workdir's test split was already read by a final evaluation made with another config "
             f"(differs in {', '.join(diff[:5]) or 'its layout'})",
             fix="choose hyper-parameters on val, then run the final configuration in a new --workdir",
         )
     return saved
-
-
-def _flat_diff(a, b, prefix: str = "") -> set[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = set()
-        for k in set(a) | set(b):
-            out |= _flat_diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return set() if a == b else {prefix.rstrip(".")}
 
 
 def final_evaluation(config, workdir: str, trained, data_dir: str, mesh, saved: dict | None = None,
