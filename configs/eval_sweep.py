@@ -40,6 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.cpu_devices = 0  # on a CPU host: split it into this many XLA devices (see configs/reward.py); 0: one
     c.checkpoints = "runs/reward_*,runs/reward_*/ablation_*"  # training workdirs / globs, comma-separated
+    # Which kind of training workdir: `reward` (the reward job) or `baseline` (VAM / CG4CTR of the baselines job).
+    c.model_kind = "reward"
     c.steps = "latest"  # which checkpoint steps of each workdir: latest | all | comma-separated steps
     c.eval_sets = "test=self:test,val=self:val"  # NAME=DATA_DIR:SPLIT, comma-separated
     c.batch_size = 64  # global pairs per step (split over processes, padded to the mesh)

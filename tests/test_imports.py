@@ -133,7 +133,7 @@ def test_library_never_reads_configs_folder():
     assert not offenders, f"library modules that read configs/: {offenders}"
 
 
-JOBS = ("smoke", "reward", "market", "render", "eval_sweep", "sft", "preference")
+JOBS = ("smoke", "reward", "baselines", "market", "render", "eval_sweep", "sft", "preference")
 
 
 @pytest.mark.parametrize("job", JOBS)

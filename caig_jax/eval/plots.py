@@ -63,7 +63,10 @@ def calibration_plot(cls_logits, labels, path: str, num_bins: int = 10) -> str:
     left_wins = np.round(b["observed"][used] * b["counts"][used]).astype(int)
     cis = np.array([reward_accuracy.wilson_interval(k, n) for k, n in zip(left_wins, b["counts"][used])])
     obs = b["observed"][used]
-    ax.errorbar(b["mean_predicted"][used], obs, yerr=[obs - cis[:, 0], cis[:, 1] - obs], fmt="none",
+    # A bin whose pairs all went one way (observed 0 or 1) can get a Wilson bound a rounding error inside the point
+    # (wilson_interval(3, 3) ends at 1 - 1e-16): matplotlib refuses negative bar lengths.
+    yerr = np.maximum([obs - cis[:, 0], cis[:, 1] - obs], 0.0)
+    ax.errorbar(b["mean_predicted"][used], obs, yerr=yerr, fmt="none",
                 ecolor=_BLUE, alpha=0.5, capsize=3)
     sizes = 20 + 180 * b["counts"][used] / max(1, b["counts"].max())
     ax.scatter(b["mean_predicted"][used], obs, s=sizes, color=_BLUE, zorder=3, label="observed (size = pairs)")

@@ -49,6 +49,7 @@ from caig_jax.eval.pairwise import evaluate
 from caig_jax.eval.report import write_report
 from caig_jax.files import write_atomic, write_json_atomic
 from caig_jax.models.reward import predict_batch as reward_predict_batch
+from caig_jax.trainers import baselines
 from caig_jax.trainers.reward import load_trained as reward_load_trained
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class ModelInterface:
 
 INTERFACES: dict[str, ModelInterface] = {
     "reward": ModelInterface(reward_load_trained, reward_pair_batches, reward_predict_batch),
+    # VAM and CG4CTR workdirs of the baselines job (the kind is read from each workdir's config.json)
+    "baseline": ModelInterface(baselines.load_trained, baselines.pair_batches, baselines.predict_batch),
 }
 
 

@@ -205,8 +205,12 @@ def saved_final_evaluation(config: ml_collections.ConfigDict, workdir: str) -> d
     return saved
 
 
-def final_evaluation(config, workdir: str, trained, data_dir: str, mesh, saved: dict | None = None) -> dict:
+def final_evaluation(config, workdir: str, trained, data_dir: str, mesh, saved: dict | None = None,
+                     evaluate_fn=None) -> dict:
     """The test split, once per run: `trained` is [(name, run_dir, model, run_config, val_metrics)].
+
+    `evaluate_fn`: `evaluate_split`'s signature (default: it); the baselines job passes its own, so every kind of
+    judge is read under this one protocol.
 
     Runs already in `saved` (an interrupted final evaluation) are not evaluated again. Each opening of the test
     split is logged to `<workdir>/test_reads.jsonl` before it happens, and `<workdir>/final_evaluation.json`
@@ -225,8 +229,8 @@ def final_evaluation(config, workdir: str, trained, data_dir: str, mesh, saved: 
                                     "time": datetime.datetime.now(datetime.timezone.utc).isoformat()}) + "\n")
         log.info("final evaluation of %s on %r (read once)", name, config.data.test_split)
         predictions = os.path.join(run_dir, "test_predictions.process{process}.npz")
-        results[name] = evaluate_split(run_config, data_dir, config.data.test_split, model, mesh,
-                                       predictions_path=predictions, final=True)
+        results[name] = (evaluate_fn or evaluate_split)(run_config, data_dir, config.data.test_split, model, mesh,
+                                                        predictions_path=predictions, final=True)
         record["runs"][name] = reward_accuracy.to_jsonable(dict(results[name]))
         record["val"][name] = reward_accuracy.to_jsonable(val)
         if jax.process_index() == 0:
