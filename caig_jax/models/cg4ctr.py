@@ -26,7 +26,7 @@ from flax import nnx
 
 from caig_jax.models import layers
 from caig_jax.models.clip import CLIPAttention, CLIPMLP, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
-from caig_jax.models.llama import grouped_query_attention
+from caig_jax.models.attention import Mask, attention
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -58,8 +58,7 @@ class CrossAttention(nnx.Module):
         q = self.q_proj(x).reshape(n, q_len, self.num_heads, self.head_dim)
         k = self.k_proj(context).reshape(n, s_len, self.num_heads, self.head_dim)
         v = self.v_proj(context).reshape(n, s_len, self.num_heads, self.head_dim)
-        mask = jnp.broadcast_to(context_mask[:, None, :], (n, q_len, s_len))
-        return self.out_proj(grouped_query_attention(q, k, v, mask))
+        return self.out_proj(attention(q, k, v, Mask(kv_valid=context_mask)))
 
 
 class FusionLayer(nnx.Module):
