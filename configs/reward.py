@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # conversation is 164 tokens with the tiny tokenizer; a longer one fails naming max_len.
     c.model.max_text_len = 176
     c.model.remat_policy = "none"  # recompute layer activations in backward: none | full | dots | dots_no_batch
+    c.model.scan_layers = False  # True: the decoder's training passes and the tower run as one scan (fast compile)
     c.model.lora_rank = 0  # >0: LoRA on the LLM's linear layers (set train.trainable='lora')
     c.model.lora_alpha = 256.0
     c.model.lora_target = r"layers/\d+/(self_attn|mlp)/"
@@ -127,6 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.dtype = "bfloat16"
         c.model.max_text_len = 3072
         c.model.remat_policy = "dots_no_batch"  # the backward keeps no [B, H, T, T] attention scores
+        c.model.scan_layers = True
         c.ablation_point_weights = ()
         c.train.freeze = ("^backbone/vision_tower/",)
         c.train.steps = 3000

@@ -35,7 +35,7 @@ import numpy as np
 
 import caig_jax.render as render
 from caig_jax import parallel
-from caig_jax.config_checks import Checks, common_checks, train_checks
+from caig_jax.config_checks import Checks, common_checks, layer_checks, train_checks
 from caig_jax.data import market as market_lib
 from caig_jax.data import world
 from caig_jax.data.preference_inputs import corrupt, instruction, sequence_batch
@@ -297,6 +297,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Types and ranges of every key the job reads (`caig_jax.config_checks`) and the two input workdirs."""
     checks = Checks(config)
     common_checks(checks)
+    layer_checks(checks)
     shape = checks.mesh(devices=jax.device_count())
     train_checks(checks, batch_shards=shape[0] * shape[1] if shape else None, processes=jax.process_count())
     checks.integer("rounds", min=1)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from caig_jax.models.llava import LlavaModel, set_remat
+from caig_jax.models.llava import LlavaModel, set_remat, set_scan
 from caig_jax.models.lora import apply_lora, lora_train_mode, merge_lora
 from caig_jax.models.processing import LlavaInputs
 from caig_jax.objectives.preference import preference_loss, sequence_logps
@@ -41,7 +41,7 @@ def build_policy(config: ml_collections.ConfigDict, mesh) -> tuple[LlavaModel, m
     new adapters (`config.lora`: rank, alpha, dropout, target) on the LLM."""
     model, sft_config, inputs = load_sft(config.sft_workdir, mesh)
     merge_lora(model)
-    set_remat(model, config.model.remat_policy)
+    set_scan(set_remat(model, config.model.remat_policy), config.model.scan_layers)
     apply_lora(model.language_model, rank=config.lora.rank, alpha=config.lora.alpha, target=config.lora.target,
                seed=config.seed, dropout=config.lora.dropout)
     return model, sft_config, inputs
