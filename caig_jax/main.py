@@ -29,7 +29,7 @@ from caig_jax.errors import MissingPathError, PathError, UserError, format_user_
 
 # config.job -> module with `run(config, workdir)`. Imported lazily so a job only pays for what it uses.
 JOBS = {name: f"caig_jax.jobs.{name}"
-        for name in ("smoke", "market", "render", "reward", "eval_sweep", "sft", "preference")}
+        for name in ("smoke", "market", "render", "reward", "eval_sweep", "sft", "preference", "caig", "generate")}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file, `configs/NAME.py[:PRESET]`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs (resumes if it exists).")

@@ -12,6 +12,7 @@ import pytest
 
 from caig_jax.config_files import load_config
 from caig_jax.data import market_datasets
+from caig_jax.eval import prompt_models
 from caig_jax.jobs import preference, reward, sft
 from caig_jax.objectives.reward import prefers_left
 from caig_jax.trainers.trainer import Preempted, Session
@@ -87,8 +88,8 @@ def test_round_chooses_what_the_reward_model_prefers(uninterrupted, trained):
     from caig_jax import parallel
 
     mesh = parallel.make_mesh(config.mesh.to_dict())
-    judge = preference.Judge(config.reward_workdir, mesh)
-    market = preference.World(config, preference.build_policy(config, mesh)[1].data.market_dir, mesh)
+    judge = prompt_models.Judge(config.reward_workdir, mesh)
+    market = prompt_models.World(config.render, preference.build_policy(config, mesh)[1].data.market_dir, mesh)
     for rec in records:
         (pair,) = rec["pairs"]  # N = 2: one pair per product
         lg = judge.logits(market, [rec["product"]], [rec["prompts"][pair["left"]]], [rec["prompts"][pair["right"]]])[0]
@@ -138,7 +139,7 @@ def test_sd_renderer_world_inpaints_around_the_product(trained, tmp_path):
     config.render.kind, config.render.sd_path, config.render.controlnet_path = "sd", sd_path, controlnet_path
     config.render.steps = 2
     mesh = parallel.make_mesh({"data": 1}, devices=jax_devices()[:1])
-    market = preference.World(config, os.path.join(os.path.dirname(data_dir), "market"), mesh)
+    market = prompt_models.World(config.render, os.path.join(os.path.dirname(data_dir), "market"), mesh)
     pid = market.products("train")[0]
     ad = market.ad(pid, "wooden kitchen counter, warm lighting")
     assert ad.dtype == np.uint8 and ad.shape[-1] == 3 and ad.shape[0] == ad.shape[1]

@@ -197,10 +197,12 @@ class ProductsFileError(UserError, ValueError):
     """The products JSON is malformed (names the file and the entry)."""
 
 
-def read_products(path: str) -> list[dict[str, Any]]:
+def read_products(path: str, *, require_prompts: bool = True) -> list[dict[str, Any]]:
     """Reads and checks the products JSON; loads every image (RGBA, non-empty alpha) before returning.
 
-    Returns a list of {"id": str, "image_path": str, "caption": str, "prompts": [str, ...], "rgba": uint8[H,W,4]}.
+    Returns a list of {"id": str, "image_path": str, "caption": str, "prompts": [str, ...], "rgba": uint8[H,W,4],
+    "entry": the JSON object}. Without `require_prompts` (CAIG's product lists for prompt generation:
+    `{"id", "image", "new_caption"}`) the `prompt` key is optional and every product needs a non-empty caption.
     Image paths are relative to the JSON file's folder unless absolute. The caption is CAIG's `new_caption` key,
     else `caption`, else `title` (`product_caption`; CAIG's product lists use `new_caption`).
     """
@@ -218,17 +220,21 @@ def read_products(path: str) -> list[dict[str, Any]]:
         where = f"{path!r} entry {i}"
         if not isinstance(entry, dict):
             raise ProductsFileError(f"{where}: expected an object with id, image, caption, prompt; got {entry!r}")
-        for key in ("id", "image", "prompt"):
+        for key in ("id", "image", "prompt") if require_prompts else ("id", "image"):
             if key not in entry:
                 raise ProductsFileError(f"{where}: missing key {key!r} (keys: {sorted(entry)})")
         pid = str(entry["id"])
         if pid in seen:
             raise ProductsFileError(f"{where}: duplicate id {pid!r}")
         seen.add(pid)
-        prompts = entry["prompt"]
+        prompts = entry.get("prompt", [])
         prompts = [prompts] if isinstance(prompts, str) else prompts
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts) or (
+                require_prompts and not prompts):
             raise ProductsFileError(f"{where} (id {pid!r}): 'prompt' must be a string or a non-empty list of strings")
+        if not require_prompts and not product_caption(entry):
+            raise ProductsFileError(f"{where} (id {pid!r}): no caption: one of {', '.join(CAPTION_KEYS)} must be a "
+                                    "non-empty string (the product's title, which the Prompt Model is asked about)")
         image_path = entry["image"]
         if not isinstance(image_path, str) or not image_path:
             raise ProductsFileError(f"{where} (id {pid!r}): 'image' must be a path string")
@@ -236,7 +242,7 @@ def read_products(path: str) -> list[dict[str, Any]]:
         rgba = load_product_image(image_path)  # names the file on any problem
         products.append(
             {"id": pid, "image_path": image_path, "caption": product_caption(entry), "prompts": prompts,
-             "rgba": rgba}
+             "rgba": rgba, "entry": entry}
         )
     return products
 

@@ -33,125 +33,24 @@ import jax
 import ml_collections
 import numpy as np
 
-import caig_jax.render as render
 from caig_jax import parallel
 from caig_jax.config_checks import Checks, common_checks, layer_checks, train_checks
-from caig_jax.data import market as market_lib
-from caig_jax.data import world
-from caig_jax.data.preference_inputs import corrupt, instruction, sequence_batch
-from caig_jax.data.reward_inputs import build_inputs as build_rm_inputs
-from caig_jax.data.sft_inputs import decode_image
+from caig_jax.data.preference_inputs import corrupt, sequence_batch
 from caig_jax.errors import UserError
-from caig_jax.eval.intervals import product_bootstrap
 from caig_jax.eval.grids import write_grid
-from caig_jax.eval.sft import MarketTruth
+from caig_jax.eval.prompt_models import Judge, World, evaluate_policy, sample_prompts, scalars
 from caig_jax.files import save_npz_atomic, write_atomic, write_json_atomic
 from caig_jax.metrics import MetricWriter
-from caig_jax.models.prompt_model import generate_replies
 from caig_jax.objectives.reward import prefers_left
 from caig_jax.trainers.preference import build_policy, make_loss_fn, reference_params, sequence_logps_of
-from caig_jax.trainers.reward import judge_pairs
-from caig_jax.trainers.reward import load_trained as load_reward_model
 from caig_jax.trainers.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 
 # ================================================================================================
-# Sampling, rendering, judging.
+# Judging a round's samples.
 # ================================================================================================
-class World:
-    """The marketplace the rounds run in: products, their PM input images and cut-outs, and the renderer.
-
-    `render.kind`: 'market' paints backgrounds with the marketplace's painter (`market.compose_ad`); 'sd' inpaints
-    them with the JAX SD-1.5 + ControlNet renderer (`caig_jax.render.from_pretrained(render.sd_path,
-    controlnet_path=render.controlnet_path)`, CAIG's settings: Euler-ancestral, `render.steps`, CFG
-    `render.guidance_scale`, control scale 1.0, product pasted back). True CTRs are the click model's on the ad
-    actually rendered (`market.true_ctr`).
-    """
-
-    def __init__(self, config: ml_collections.ConfigDict, market_dir: str, mesh):
-        r = config.render
-        if r.kind not in ("market", "sd"):
-            raise UserError(f"config.render.kind={r.kind!r}: expected 'market' or 'sd'")
-        self.truth = MarketTruth.load(market_dir)
-        self.kind, self.size, self.seed = r.kind, r.size, r.seed
-        self.renderer = None
-        if r.kind == "sd":
-            if not r.sd_path:
-                raise UserError("config.render.kind='sd' needs config.render.sd_path (a diffusers SD-1.5 folder)",
-                                fix="pass --config.render.sd_path=DIR [--config.render.controlnet_path=DIR]")
-            self.renderer = render.from_pretrained(r.sd_path, controlnet_path=r.controlnet_path or None, mesh=mesh)
-            self.steps, self.guidance = r.steps, r.guidance_scale
-        self._images: dict[str, np.ndarray] = {}
-        self._cutouts: dict[str, np.ndarray] = {}
-        self._ads: dict[tuple[str, str], np.ndarray] = {}
-
-    def products(self, split: str) -> list[str]:
-        ids = sorted(p for p, s in self.truth.splits.items() if s == split)
-        if not ids:
-            raise UserError(f"the marketplace in {self.truth.market_dir} has no {split!r} products")
-        return ids
-
-    def pm_image(self, pid: str) -> np.ndarray:
-        """The product image as the PM saw it in SFT (the cut-out PNG decoded to RGB)."""
-        if pid not in self._images:
-            with open(self.truth.image_paths[pid], "rb") as f:
-                self._images[pid] = decode_image(f.read())
-        return self._images[pid]
-
-    def cutout(self, pid: str) -> np.ndarray:
-        if pid not in self._cutouts:
-            self._cutouts[pid] = self.truth.cutout(pid)
-        return self._cutouts[pid]
-
-    def ad(self, pid: str, prompt: str) -> np.ndarray:
-        if self.kind == "market":
-            return market_lib.compose_ad(self.cutout(pid), prompt, self.size, seed=self.seed)
-        key = (pid, prompt)
-        if key not in self._ads:  # one product at a time: one compiled program, cached by (product, prompt)
-            self._ads[key] = self.renderer.inpaint_product([self.cutout(pid)], [prompt], steps=self.steps,
-                                                           guidance_scale=self.guidance, seed=self.seed)[0]
-        return self._ads[key]
-
-    def true_ctr(self, pid: str, prompt: str) -> float:
-        if self.kind == "market":  # exact and cheap: from the painted background's look
-            return world.prompt_ctr(prompt, self.truth.products[pid], size=self.size, seed=self.seed)
-        return market_lib.true_ctr(self.ad(pid, prompt), self.truth.products[pid])
-
-    def product(self, pid: str) -> market_lib.Product:
-        return self.truth.products[pid]
-
-
-class Judge:
-    """The reward model of `reward_workdir` judging ad pairs of one product (its decision rule)."""
-
-    def __init__(self, reward_workdir: str, mesh):
-        self.model, self.config = load_reward_model(reward_workdir, mesh)
-        self.inputs, self.llava_config = build_rm_inputs(self.config, reward_workdir, self.config.data.dir)
-        self.mesh = mesh
-
-    def logits(self, market: World, pids: list[str], left: list[str], right: list[str]) -> np.ndarray:
-        """float32[N, 2]: the RM's cls logits for (ad from `left[i]`, ad from `right[i]`) of product `pids[i]`."""
-        products = [market.product(p) for p in pids]
-        attributes = [json.dumps(p.attributes) for p in products]
-        return judge_pairs(self.model, self.config, self.inputs, self.llava_config,
-                           [market.ad(p, a) for p, a in zip(pids, left)],
-                           [market.ad(p, b) for p, b in zip(pids, right)],
-                           [p.title for p in products], [p.category for p in products], attributes, self.mesh)
-
-
-def sample_prompts(model, inputs, market: World, pids: list[str], templates: list[int], *, samples: int,
-                   temperature: float, seed: int, config) -> list[list[str]]:
-    """`samples` prompts per product from `model` (one instruction template per product)."""
-    images = [market.pm_image(p) for p in pids for _ in range(samples)]
-    conversations = [instruction(market.product(p).title, k) for p, k in zip(pids, templates) for _ in range(samples)]
-    replies = generate_replies(model, inputs, images, conversations, max_new_tokens=config.max_new_tokens,
-                               temperature=temperature, seed=seed, batch_size=config.batch_size,
-                               prompt_length=config.prompt_length or None)
-    return [replies[i * samples:(i + 1) * samples] for i in range(len(pids))]
-
-
 def choose(judge: Judge, market: World, pids: list[str], prompts: list[list[str]], rng: np.random.Generator
            ) -> list[dict[str, Any]]:
     """Chosen / rejected per product by the RM: N = 2 one pair (sides at random); N > 2 every pair, best vs worst
@@ -242,59 +141,11 @@ def load_round(out_dir: str) -> dict[str, np.ndarray] | None:
 
 
 # ================================================================================================
-# Held-out evaluation.
-# ================================================================================================
-def evaluate_policy(model, inputs, judge: Judge, market: World, config, baseline: dict | None) -> dict[str, Any]:
-    """The held-out figures of one policy (the module docstring); `baseline` is the SFT PM's result (its prompts
-    are the RM win rate's opponents)."""
-    e = config.eval
-    pids = market.products(e.split)[: e.products]
-    templates = [i % 2 for i in range(len(pids))]
-    greedy = [s[0] for s in sample_prompts(model, inputs, market, pids, templates, samples=1, temperature=0.0,
-                                           seed=config.seed, config=config.generation)]
-    sampled = sample_prompts(model, inputs, market, pids, templates, samples=e.samples, temperature=config.temperature,
-                             seed=config.seed + 1, config=config.generation)
-    ctr = {p: float(np.mean([market.true_ctr(p, q) for q in qs])) for p, qs in zip(pids, sampled)}
-    ctr_greedy = {p: market.true_ctr(p, q) for p, q in zip(pids, greedy)}
-    products = [market.product(p) for p in pids]
-    # Match rates score prompts with the marketplace painter (exact and cheap) whatever the rounds render with.
-    sibling = world.match_rate_sibling(products, dict(zip(pids, sampled)), size=market.size, seed=market.seed)
-    cross = world.match_rate_cross(products, dict(zip(pids, sampled)), size=market.size, seed=market.seed)
-    result: dict[str, Any] = {
-        "products": pids, "greedy": greedy, "sampled": sampled,
-        "true_ctr": product_bootstrap(list(ctr.values()), seed=config.seed),
-        "true_ctr_greedy": product_bootstrap(list(ctr_greedy.values()), seed=config.seed),
-        "true_ctr_per_product": ctr,
-        "match_rate_sibling": {"rate": sibling["rate"], "per_product": sibling["per_product"]},
-        "match_rate_cross": {"rate": cross["rate"], "per_product": cross["per_product"]},
-    }
-    if baseline is not None:
-        rng = np.random.default_rng([config.seed, 77])
-        ours = [qs[0] for qs in sampled]
-        theirs = [qs[0] for qs in baseline["sampled"]]
-        flips = rng.random(len(pids)) < 0.5
-        left = [a if f else b for a, b, f in zip(ours, theirs, flips)]
-        right = [b if f else a for a, b, f in zip(ours, theirs, flips)]
-        logits = judge.logits(market, pids, left, right)
-        wins = [float(prefers_left(lg[0], lg[1]) == f) for lg, f in zip(logits, flips)]
-        result["rm_win_rate_vs_sft"] = product_bootstrap(wins, seed=config.seed)
-    return result
-
-
-def _scalars(result: dict[str, Any]) -> dict[str, float]:
-    out = {"true_ctr": result["true_ctr"]["mean"], "true_ctr_greedy": result["true_ctr_greedy"]["mean"],
-           "match_rate_sibling": result["match_rate_sibling"]["rate"],
-           "match_rate_cross": result["match_rate_cross"]["rate"]}
-    if "rm_win_rate_vs_sft" in result:
-        out["rm_win_rate_vs_sft"] = result["rm_win_rate_vs_sft"]["mean"]
-    return out
-
-
-# ================================================================================================
 # The job.
 # ================================================================================================
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Types and ranges of every key the job reads (`caig_jax.config_checks`) and the two input workdirs."""
+def validate(config: ml_collections.ConfigDict, check_inputs: bool = True) -> None:
+    """Types and ranges of every key the job reads (`caig_jax.config_checks`) and, with `check_inputs`, the two
+    input workdirs (the CAIG demo checks its stages' configs before those workdirs exist)."""
     checks = Checks(config)
     common_checks(checks)
     layer_checks(checks)
@@ -323,7 +174,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     checks.integer("eval.products", min=2)
     checks.integer("eval.samples", min=1)
     checks.done()
-    for key in ("sft_workdir", "reward_workdir"):
+    for key in ("sft_workdir", "reward_workdir") if check_inputs else ():
         path = config[key]
         if not path or not os.path.isdir(os.path.join(path, "checkpoints")):
             raise UserError(f"config.{key}={path!r} is not a training workdir with checkpoints",
@@ -335,7 +186,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     start = time.time()
     mesh = parallel.make_mesh(config.mesh.to_dict())
     policy, sft_config, inputs = build_policy(config, mesh)
-    market = World(config, config.market_dir or sft_config.data.market_dir, mesh)
+    market = World(config.render, config.market_dir or sft_config.data.market_dir, mesh)
     judge = Judge(config.reward_workdir, mesh)
     run_config = ml_collections.ConfigDict(config.to_dict())
     total = config.rounds * config.steps_per_round
@@ -352,7 +203,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if os.path.exists(path):
             with open(path) as f:
                 return json.load(f)
-        result = evaluate_policy(trainer.model(), inputs, judge, market, config, baseline)
+        result = evaluate_policy(trainer.model(), inputs, judge, market,
+                                 market.products(config.eval.split)[: config.eval.products],
+                                 samples=config.eval.samples, temperature=config.temperature, seed=config.seed,
+                                 generation=config.generation, baseline=baseline)
         if jax.process_index() == 0:
             write_json_atomic(path, result)
         return result
@@ -366,7 +220,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             while trainer.current_step < total:
                 r, k = divmod(trainer.current_step, steps)
                 if k == 0 and r > 0 and not os.path.exists(os.path.join(eval_dir, f"{r - 1}.json")):
-                    session.writer.write(trainer.current_step, _scalars(evaluation(str(r - 1), sft_eval)),
+                    session.writer.write(trainer.current_step, scalars(evaluation(str(r - 1), sft_eval)),
                                          prefix="heldout/")
                 if data_round != r:
                     out_dir = os.path.join(workdir, "rounds", str(r))
@@ -381,16 +235,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     last = evaluation(str(config.rounds - 1), sft_eval)
     for r in range(config.rounds):
         with open(os.path.join(eval_dir, f"{r}.json")) as f:
-            per_round.append(_scalars(json.load(f)))
+            per_round.append(scalars(json.load(f)))
     report = {"config": {"pcpo_weight": config.pcpo.weight, "rounds": config.rounds, "samples": config.samples},
-              "sft": _scalars(sft_eval), "rounds": per_round, "final": last, "seconds": round(time.time() - start, 1)}
+              "sft": scalars(sft_eval), "rounds": per_round, "final": last, "seconds": round(time.time() - start, 1)}
     if jax.process_index() == 0:
         write_json_atomic(os.path.join(workdir, "report.json"), report)
         write_atomic(os.path.join(workdir, "report.md"), report_markdown(report, config))
         writer = MetricWriter(workdir)
-        writer.write(total, _scalars(last), prefix="heldout/")
+        writer.write(total, scalars(last), prefix="heldout/")
         writer.close()
-        print(json.dumps({"sft": report["sft"], "final": _scalars(last)}, indent=2))
+        print(json.dumps({"sft": report["sft"], "final": scalars(last)}, indent=2))
     return report
 
 

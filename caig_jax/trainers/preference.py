@@ -18,18 +18,22 @@ Batches (one per step) hold three sequences per example, each as the keys of
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from caig_jax.checkpoint import restore_params
+from caig_jax.errors import MissingPathError
 from caig_jax.models.llava import LlavaModel, set_remat, set_scan
 from caig_jax.models.lora import apply_lora, lora_train_mode, merge_lora
 from caig_jax.models.processing import LlavaInputs
 from caig_jax.objectives.preference import preference_loss, sequence_logps
 from caig_jax.trainers.sft import load_trained as load_sft
-from caig_jax.trainers.trainer import Trainer
+from caig_jax.trainers.trainer import Trainer, trainable_filter
 
 SEQUENCES = ("chosen", "rejected", "corrupt")
 MODEL_KEYS = ("input_ids", "attention_mask", "loss_mask", "pixel_values", "image_layout")
@@ -41,10 +45,25 @@ def build_policy(config: ml_collections.ConfigDict, mesh) -> tuple[LlavaModel, m
     new adapters (`config.lora`: rank, alpha, dropout, target) on the LLM."""
     model, sft_config, inputs = load_sft(config.sft_workdir, mesh)
     merge_lora(model)
-    set_scan(set_remat(model, config.model.remat_policy), config.model.scan_layers)
+    set_scan(set_remat(model, config.model.remat_policy), config.model.get("scan_layers", False))
     apply_lora(model.language_model, rank=config.lora.rank, alpha=config.lora.alpha, target=config.lora.target,
                seed=config.seed, dropout=config.lora.dropout)
     return model, sft_config, inputs
+
+
+def load_trained(workdir: str, mesh) -> tuple[LlavaModel, ml_collections.ConfigDict, LlavaInputs]:
+    """(policy with its latest trained adapters, the preference run's config, its inputs) of a preference workdir
+    on `mesh`: the SFT PM it started from is rebuilt (`build_policy`) and only the adapters are read."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise MissingPathError(f"{workdir} is not a preference training workdir (no config.json)")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    model, _, inputs = build_policy(config, mesh)
+    train = config.train
+    trained = trainable_filter(train.trainable, tuple(train.freeze), tuple(train.extra_trainable))
+    model, _ = restore_params(workdir, model, mesh, trainable=trained)
+    return model, config, inputs
 
 
 def _logps(model: LlavaModel, batch, prefix: str) -> jax.Array:
