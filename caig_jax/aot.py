@@ -44,6 +44,7 @@ from caig_jax.models.lora import apply_lora
 from caig_jax.models.reward import RewardModel, tiny_llava_config
 from caig_jax.trainers.preference import make_loss_fn as make_preference_loss
 from caig_jax.trainers.reward import make_loss_fn
+from caig_jax.trainers.sft import make_loss_fn as make_sft_loss
 from caig_jax.trainers.trainer import Trainer
 
 # Cloud TPU slice names -> libtpu topologies. v4 / v5p names count TensorCores (2 per chip), v5e names chips.
@@ -54,6 +55,11 @@ SLICES = {
     "v5e-4": "v5e:2x2", "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4", "v5e-32": "v5e:4x8", "v5e-64": "v5e:8x8",
     "v5e-128": "v5e:8x16", "v5e-256": "v5e:16x16",
 }
+
+
+# The SFT step's sequence length: its longest length bucket at LLaVA-NeXT-7B's largest anyres image (a 2x2 grid of
+# 336 px tiles: 576 + 48 x (48 + 1) = 2928 image tokens) plus its text, padded to the 7b preset's bucket multiple.
+SFT_SEQUENCE_LENGTH = 3072
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +104,9 @@ class Program:
     flops_note: str
 
 
-def _reward_llava_config(config):
+def _llava_config(config):
+    """The job's LLaVA architecture: its `model.pretrained` folder's, LLaVA-v1.6-Vicuna-7B's for a 7b preset whose
+    folder is not on this host, else the tiny model."""
     pretrained = config.model.pretrained
     if pretrained and os.path.isdir(pretrained):
         return read_llava_config(pretrained)[0]
@@ -108,14 +116,27 @@ def _reward_llava_config(config):
                              pad_id=0)
 
 
+def _layer_settings(llava_config, model_config):
+    """`llava_config` with the job's `model.remat_policy` and `model.scan_layers` (what `set_remat` / `set_scan`
+    do to a built model)."""
+    settings = dict(remat_policy=model_config.remat_policy, scan_layers=model_config.scan_layers)
+    return dataclasses.replace(llava_config, text_config=dataclasses.replace(llava_config.text_config, **settings),
+                               vision_config=dataclasses.replace(llava_config.vision_config, **settings))
+
+
+def _batch_spec(mesh: Mesh):
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
+    return spec
+
+
+def _param_count(module) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
 def reward_program(config, mesh: Mesh) -> Program:
     """The reward job's train step (`caig_jax.trainers.reward` + the engine), abstract, on `mesh`."""
-    llava_config = _reward_llava_config(config)
-    llava_config = dataclasses.replace(
-        llava_config,
-        text_config=dataclasses.replace(llava_config.text_config, remat_policy=config.model.remat_policy),
-        vision_config=dataclasses.replace(llava_config.vision_config, remat_policy=config.model.remat_policy),
-    )
+    llava_config = _layer_settings(_llava_config(config), config.model)
     dtype = jnp.dtype(config.model.dtype)
     graphdef, state = parallel.abstract_with_shardings(
         lambda: RewardModel(llava_config, rngs=nnx.Rngs(0), dtype=dtype), mesh)
@@ -127,10 +148,7 @@ def reward_program(config, mesh: Mesh) -> Program:
     b, t, s = config.train.batch_size, config.model.max_text_len, config.data.image_size
     patches = int(layout_for(llava_config, [(s, 2 * s)])[0, 0]) if llava_config.anyres else 1
     tile = llava_config.vision_config.image_size
-
-    def spec(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
-
+    spec = _batch_spec(mesh)
     batch = {
         "input_ids": spec((b, t), jnp.int32), "attention_mask": spec((b, t), jnp.int32),
         "pixel_values": spec((b, patches, 3, tile, tile), jnp.float32),
@@ -138,8 +156,7 @@ def reward_program(config, mesh: Mesh) -> Program:
     }
     lowered = trainer.lower_step(batch)
     text = llava_config.text_config
-    n_llm = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model.backbone.language_model, nnx.Param)))
-    n_tower = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model.backbone.vision_tower, nnx.Param)))
+    n_llm, n_tower = _param_count(model.backbone.language_model), _param_count(model.backbone.vision_tower)
     tokens = b * t
     attention = 12 * text.num_hidden_layers * b * t * t * text.hidden_size  # fwd+bwd of QK^T and PV
     tower_tokens = b * patches * (llava_config.vision_config.num_patches + 1)
@@ -149,12 +166,48 @@ def reward_program(config, mesh: Mesh) -> Program:
                                    "a recomputed forward that is not counted")
 
 
+def sft_program(config, mesh: Mesh) -> Program:
+    """The SFT job's train step (`caig_jax.trainers.sft` + the engine: LoRA on the LLM when the preset has it),
+    abstract, on `mesh`, at the longest bucket a LLaVA-NeXT conversation can need (`SFT_SEQUENCE_LENGTH`)."""
+    llava_config = _layer_settings(_llava_config(config), config.model)
+    dtype = jnp.dtype(config.model.dtype)
+
+    def make():
+        model = LlavaModel(llava_config, rngs=nnx.Rngs(0), dtype=dtype)
+        if config.model.lora_rank:
+            apply_lora(model.language_model, rank=config.model.lora_rank, alpha=config.model.lora_alpha,
+                       target=config.model.lora_target, seed=config.seed, dropout=config.model.lora_dropout)
+        return model
+
+    graphdef, state = parallel.abstract_with_shardings(make, mesh)
+    model = nnx.merge(graphdef, state)
+    accum = config.train.grad_accum_steps
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(config, workdir, mesh, model, make_sft_loss(accum))
+        trainer.close()
+    b, t = config.train.batch_size, SFT_SEQUENCE_LENGTH
+    tile = llava_config.vision_config.image_size
+    spec = _batch_spec(mesh)
+    batch = {"input_ids": spec((b, t), jnp.int32), "attention_mask": spec((b, t), jnp.int32),
+             "loss_mask": spec((b, t), jnp.int32),
+             "pixel_values": spec((b, llava_config.max_patches, 3, tile, tile), jnp.float32),
+             "image_layout": spec((b, 7), jnp.int32)}
+    if accum > 1:
+        batch["loss_weight"] = spec((b,), jnp.float32)
+    lowered = trainer.lower_step(batch)
+    text = llava_config.text_config
+    n_llm, n_tower = _param_count(model.language_model), _param_count(model.vision_tower)
+    tower_tokens = b * llava_config.max_patches * (llava_config.vision_config.num_patches + 1)
+    flops = 6 * n_llm * b * t + 12 * text.num_hidden_layers * b * t * t * text.hidden_size + 2 * n_tower * tower_tokens
+    return Program(lowered, flops, f"6*N*T ({n_llm / 1e9:.2f}B LLM params x {b * t} tokens; LoRA: the frozen "
+                                   "weights still take the full backward through activations) + attention "
+                                   "12*L*B*T^2*d + 2*N_tower*tokens (tower forward only: frozen)")
+
+
 def preference_program(config, mesh: Mesh) -> Program:
     """The preference job's train step (LoRA on the PM, three sequences per example), abstract, on `mesh`. The PM
     has LLaVA-v1.6-Vicuna-7B's shapes (CAIG's PM; the SFT workdir is not read), bf16 compute."""
-    llava_config = llava_next_vicuna_7b()
-    llava_config = dataclasses.replace(llava_config, text_config=dataclasses.replace(
-        llava_config.text_config, remat_policy=config.model.remat_policy))
+    llava_config = _layer_settings(llava_next_vicuna_7b(), config.model)
     dtype = jnp.bfloat16
 
     def make():
@@ -170,10 +223,7 @@ def preference_program(config, mesh: Mesh) -> Program:
         trainer.close()
     b, t = config.train.batch_size, config.generation.sequence_length
     tile = llava_config.vision_config.image_size
-
-    def spec(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
-
+    spec = _batch_spec(mesh)
     batch = {}
     for prefix in ("chosen", "rejected", "corrupt"):
         batch.update({f"{prefix}_input_ids": spec((b, t), jnp.int32),
@@ -184,7 +234,7 @@ def preference_program(config, mesh: Mesh) -> Program:
         batch[f"ref_{prefix}"] = spec((b,), jnp.float32)
     lowered = trainer.lower_step(batch)
     text = llava_config.text_config
-    n_llm = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model.language_model, nnx.Param)))
+    n_llm = _param_count(model.language_model)
     tokens = 3 * b * t
     flops = 6 * n_llm * tokens + 12 * text.num_hidden_layers * 3 * b * t * t * text.hidden_size
     return Program(lowered, flops, f"6*N*T over the 3 sequences ({n_llm / 1e9:.2f}B params x {tokens} tokens; "
@@ -192,7 +242,8 @@ def preference_program(config, mesh: Mesh) -> Program:
                                    "+ attention; tower forward not counted")
 
 
-PROGRAMS: dict[str, Callable[[Any, Mesh], Program]] = {"reward": reward_program, "preference": preference_program}
+PROGRAMS: dict[str, Callable[[Any, Mesh], Program]] = {"reward": reward_program, "sft": sft_program,
+                                                        "preference": preference_program}
 
 
 def _gib(n: float) -> str:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from caig_jax.errors import UserError
+from caig_jax.models.layers import REMAT_POLICIES
 
 _MISSING = object()
 
@@ -218,6 +219,12 @@ def common_checks(checks: Checks) -> None:
     """`seed` and `cpu_devices`."""
     checks.integer("seed", min=0)
     checks.integer("cpu_devices", min=0)
+
+
+def layer_checks(checks: Checks) -> None:
+    """`model.remat_policy` and `model.scan_layers`: how the model's layers run (`caig_jax.models.layers`)."""
+    checks.choice("model.remat_policy", tuple(REMAT_POLICIES))
+    checks.boolean("model.scan_layers")
 
 
 def train_checks(checks: Checks, *, batch_shards: int | None = None, processes: int = 1) -> None:

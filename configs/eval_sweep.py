@@ -24,7 +24,7 @@ Presets (`:ARG`):
   their own held-out test and val splits.
 - `pod`: a TPU pod slice evaluating 7B reward models (mesh fsdp=16 x tensor=4 = 64 chips, as the reward
   job's `7b` preset; checkpoints restore onto this mesh whatever mesh they were trained on). Launch on every
-  host with launch/tpu_pod.sh; the workdir and checkpoints must be on a filesystem every host sees.
+  host with launch/pod.py; the workdir and checkpoints must be on a filesystem every host sees.
 """
 
 import ml_collections

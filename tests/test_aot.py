@@ -56,3 +56,20 @@ def test_preference_7b_step_builds_abstractly_on_an_fsdp_tensor_mesh(devices):
     text = program.lowered.as_text()
     assert "all-gather" in text or "all_gather" in text or "sharding" in text
     assert program.model_flops > 6 * 6.5e9 * 3 * 8 * 256  # 6ND over 6.7B LLM parameters at least
+
+
+@pytest.mark.slow
+def test_sft_7b_step_builds_abstractly_with_scanned_layers(devices):
+    """The SFT 7b preset's step (LoRA r128, scanned layers with full remat) lowers on an fsdp x tensor mesh; the
+    decoder's 32 layers are one while loop, not 32 copies."""
+    from caig_jax import aot, parallel
+    from caig_jax.config_files import load_config
+
+    config = load_config(os.path.join(REPO, "configs", "sft.py:7b"))
+    assert config.model.scan_layers and config.model.remat_policy == "full"
+    config.train.batch_size = 8
+    mesh = parallel.make_mesh({"fsdp": 4, "tensor": 2})
+    program = aot.sft_program(config, mesh)
+    text = program.lowered.as_text()
+    assert "stablehlo.while" in text
+    assert program.model_flops > 6 * 6.5e9 * 8 * aot.SFT_SEQUENCE_LENGTH

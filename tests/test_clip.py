@@ -47,9 +47,11 @@ def _pixels(n=3):
     return np.random.default_rng(0).standard_normal((n, 3, 28, 28)).astype(np.float32)
 
 
-def test_vision_hidden_states_match_transformers(vision):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_vision_hidden_states_match_transformers(vision, scan):
     ref_model, folder = vision
     ours = load_clip_vision_model(folder)
+    ours.encoder.scan_layers = scan
     pixels = _pixels()
     with torch.no_grad():
         ref = ref_model(torch.tensor(pixels), output_hidden_states=True)
@@ -86,10 +88,12 @@ def _text_inputs():
     return ids, mask
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_text_last_hidden_state_matches_transformers(text, with_mask):
+def test_text_last_hidden_state_matches_transformers(text, with_mask, scan):
     ref_model, folder = text
     ours = load_clip_text_model(folder)
+    ours.encoder.scan_layers = scan
     ids, mask = _text_inputs()
     kw = {"attention_mask": torch.tensor(mask)} if with_mask else {}
     with torch.no_grad():

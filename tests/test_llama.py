@@ -1,5 +1,8 @@
 """Llama decoder against transformers' LlamaForCausalLM (float32, tolerance `_llava_fixtures.TOL`): GQA,
-untied / tied heads, default / linear / llama3 RoPE, left padding, and KV-cache decoding == full forward."""
+untied / tied heads, default / linear / llama3 RoPE, left padding, and KV-cache decoding == full forward; the
+cache-free parity tests run with the layers unrolled and scanned (`scan_layers`)."""
+
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
@@ -46,10 +49,16 @@ def _batch():
     return ids, mask
 
 
+def _with_scan(model, scan: bool):
+    model.config = dataclasses.replace(model.config, scan_layers=scan)
+    return model
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_logits_match_transformers(tmp_path_factory, case):
+def test_logits_match_transformers(tmp_path_factory, case, scan):
     ref_model, folder = _save(tmp_path_factory, case, **CASES[case])
-    ours = load_llama(folder)
+    ours = _with_scan(load_llama(folder), scan)
     assert (ours.lm_head is None) == bool(CASES[case].get("tie_word_embeddings"))
     assert ours.config.rope_type == CASES[case].get("rope_scaling", {}).get("rope_type", "default")
     ids, mask = _batch()
@@ -95,10 +104,11 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path_factory):
     assert rel_err(got, full, mask) < TOL
 
 
-def test_query_index_computes_only_those_rows_of_the_last_layer(tmp_path_factory):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_query_index_computes_only_those_rows_of_the_last_layer(tmp_path_factory, scan):
     """decode(query_index=...) (what the reward head uses) equals the full decode read at those rows."""
-    _, folder = _save(tmp_path_factory, "rows")
-    model = load_llama(folder)
+    _, folder = _save(tmp_path_factory, f"rows_{scan}")
+    model = _with_scan(load_llama(folder), scan)
     ids, mask = _batch()
     mask[0, 9:] = 0  # row 0 right padded, row 1 left padded
     pos = positions_from_mask(jnp.asarray(mask))

@@ -67,8 +67,10 @@ def _call(model, inputs):
 # ------------------------------------------------------------------------------------------------ parity
 
 
-def test_llava_next_logits_and_hidden_states_match_transformers(next_case):
-    ref_model, _, ours, inputs, ref = next_case
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_llava_next_logits_and_hidden_states_match_transformers(next_case, scan):
+    ref_model, folder, _, inputs, ref = next_case
+    ours = llava.set_scan(llava.from_pretrained(folder), scan)
     mask = inputs["attention_mask"]
     logits = _call(ours, inputs)
     assert logits.shape == (2, mask.shape[1], TEXT["vocab_size"]) and logits.dtype == np.float32

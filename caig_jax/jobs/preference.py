@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 
 from caig_jax import parallel
-from caig_jax.config_checks import Checks, common_checks, train_checks
+from caig_jax.config_checks import Checks, common_checks, layer_checks, train_checks
 from caig_jax.data.preference_inputs import corrupt, sequence_batch
 from caig_jax.errors import UserError
 from caig_jax.eval.grids import write_grid
@@ -149,6 +149,7 @@ def validate(config: ml_collections.ConfigDict, check_inputs: bool = True) -> No
     input workdirs (the CAIG demo checks its stages' configs before those workdirs exist)."""
     checks = Checks(config)
     common_checks(checks)
+    layer_checks(checks)
     shape = checks.mesh(devices=jax.device_count())
     train_checks(checks, batch_shards=shape[0] * shape[1] if shape else None, processes=jax.process_count())
     checks.integer("rounds", min=1)

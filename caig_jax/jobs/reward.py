@@ -32,7 +32,7 @@ import jax
 import ml_collections
 
 from caig_jax import parallel
-from caig_jax.config_checks import Checks, common_checks, market_checks, train_checks
+from caig_jax.config_checks import Checks, common_checks, layer_checks, market_checks, train_checks
 from caig_jax.config_files import differing_keys
 from caig_jax.errors import MissingPathError
 from caig_jax.data.loader import reward_batches
@@ -56,6 +56,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     (`data.market`) included when it is used; raises `ConfigError` before anything is built."""
     checks = Checks(config)
     common_checks(checks)
+    layer_checks(checks)
     shape = checks.mesh(devices=jax.device_count())
     train_checks(checks, batch_shards=shape[0] * shape[1] if shape else None, processes=jax.process_count())
     checks.string("data.dir")

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 
 from caig_jax import parallel
-from caig_jax.config_checks import Checks, common_checks, market_checks, train_checks
+from caig_jax.config_checks import Checks, common_checks, layer_checks, market_checks, train_checks
 from caig_jax.convert.export import save_pretrained
 from caig_jax.data.ctr_logs import DataError, read_creative_ranking
 from caig_jax.data.market_datasets import build_world
@@ -112,6 +112,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     anything is built."""
     checks = Checks(config)
     common_checks(checks)
+    layer_checks(checks)
     shape = checks.mesh(devices=jax.device_count())
     train_checks(checks, batch_shards=shape[0] * shape[1] if shape else None, processes=jax.process_count())
     checks.string("data.dir")

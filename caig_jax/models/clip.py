@@ -49,6 +49,7 @@ class CLIPVisionConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     remat_policy: str = "none"  # not architecture: what each layer keeps for backward (`layers.REMAT_POLICIES`)
+    scan_layers: bool = False  # not architecture: run the encoder layers as one scan (`layers.scan_call`)
 
     def __post_init__(self):
         layers.check_remat_policy(self.remat_policy)
@@ -177,11 +178,17 @@ class CLIPEncoder(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.layers = nnx.List([CLIPEncoderLayer(config, width_axis, **kw) for _ in range(config.num_hidden_layers)])
         self.remat_policy = getattr(config, "remat_policy", "none")
+        self.scan_layers = getattr(config, "scan_layers", False)
 
     def __call__(self, x, mask=None, *, num_layers: int | None = None, collect: bool = False):
         """Runs the first `num_layers` layers (all by default). Returns (x, hidden states incl. the input)."""
+        stack = self.layers[: len(self.layers) if num_layers is None else num_layers]
+        if self.scan_layers:
+            out, per_layer = layers.scan_call(list(stack), self.remat_policy, lambda layer, h: layer(h, mask), x,
+                                              collect=collect)
+            return out, None if per_layer is None else [x, *per_layer]
         hidden_states = [x] if collect else None
-        for layer in self.layers[: len(self.layers) if num_layers is None else num_layers]:
+        for layer in stack:
             x = layers.remat_call(layer, self.remat_policy, x, mask)
             if collect:
                 hidden_states.append(x)
@@ -277,6 +284,8 @@ class CLIPVisionModel(nnx.Module):
         wanted = [layer] if isinstance(layer, int) else list(layer)
         resolved = [_resolve_layer(i, num_layers) for i in wanted]
         x = self.pre_layrnorm(self.embeddings(pixel_values)).astype(self.dtype)
+        if len(resolved) == 1:  # one layer (LLaVA's case): its output is the stack's, nothing else is kept
+            return self.encoder(x, num_layers=resolved[0])[0]
         x, hidden_states = self.encoder(x, num_layers=max(resolved), collect=True)
         return jnp.concatenate([hidden_states[i] for i in resolved], axis=-1)
 

@@ -57,6 +57,34 @@ def remat_call(module: nnx.Module, policy: str, *args):
     return jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a), policy=REMAT_POLICIES[policy])(state, *args)
 
 
+def scan_call(modules: Sequence[nnx.Module], policy: str, fn: Callable, x, *, collect: bool = False):
+    """`fn(module, x) -> x` for each of `modules` in turn, as one `jax.lax.scan` over their stacked states: XLA
+    compiles one layer body instead of len(modules) copies (a 7B decoder's compile time and host memory scale with
+    the body, not the depth). Each step is under `jax.checkpoint` with `policy` unless it is 'none' (remat composes).
+
+    The modules must share one structure (same graphdef); their states are stacked on a new leading axis inside the
+    traced function, so parameters stay one array per layer (transformers' layout: checkpoints, converters and LoRA
+    are the same with or without scan) at the cost of one stacked copy of the layers' parameters per step.
+    Like `remat_call`, nothing is written back into the modules. Returns (x, `[len(modules), *x.shape]` stacked
+    per-layer outputs when `collect`, else None)."""
+    if not modules:
+        return x, (jnp.zeros((0, *x.shape), x.dtype) if collect else None)
+    graphdef = nnx.graphdef(modules[0])
+    if any(nnx.graphdef(m) != graphdef for m in modules[1:]):
+        raise ValueError("scan_call: the layers differ in structure (LoRA on some layers only?); scan needs the "
+                         "same modules in every layer (turn scan_layers off)")
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(m) for m in modules])
+
+    def body(carry, state):
+        y = fn(nnx.merge(graphdef, state), carry)
+        return y, (y if collect else None)
+
+    if policy != "none":
+        # prevent_cse=False: inside a scan XLA cannot CSE the recomputation away (jax.checkpoint's documentation).
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
+    return jax.lax.scan(body, x, stacked)
+
+
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     """The activation a config names (`hidden_act`, `act_fn`), exactly as transformers / diffusers compute it."""
     if name not in ACTIVATIONS:

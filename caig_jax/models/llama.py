@@ -71,6 +71,7 @@ class LlamaConfig:
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
     remat_policy: str = "none"  # not architecture: what each layer keeps for backward (`layers.REMAT_POLICIES`)
+    scan_layers: bool = False  # not architecture: cache-free passes run the layers as one scan (`layers.scan_call`)
 
     def __post_init__(self):
         layers.check_remat_policy(self.remat_policy)
@@ -331,6 +332,9 @@ class LlamaForCausalLM(nnx.Module):
         mask = attention.Mask(query_slots, kv_mask.astype(jnp.bool_))
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config))
         x = inputs_embeds.astype(self.dtype)
+        if cache is None and self.config.scan_layers:
+            # The KV-cache path stays a loop: a scan would restack the whole cache at every decode step.
+            return self.norm(self._scanned(x, cos, sin, mask, query_index)), None
         new_cache = []
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -341,6 +345,16 @@ class LlamaForCausalLM(nnx.Module):
                 x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index, rows)
             new_cache.append(kv)
         return self.norm(x), (None if cache is None else tuple(new_cache))
+
+    def _scanned(self, x, cos, sin, mask, query_index) -> jax.Array:
+        """The cache-free layer stack as one scan: `[B, T, D]` -> `[B, T, D]` (`[B, Q, D]` with `query_index`: the
+        last layer then runs outside the scan, computing only those rows)."""
+        policy = self.config.remat_policy
+        stack = list(self.layers) if query_index is None else list(self.layers)[:-1]
+        x, _ = layers.scan_call(stack, policy, lambda layer, h: layer(h, cos, sin, mask)[0], x)
+        if query_index is not None:
+            x, _ = layers.remat_call(self.layers[-1], policy, x, cos, sin, mask, None, 0, query_index)
+        return x
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """`float32[..., V]` logits from final hidden states (float32 accumulation whatever the dtype)."""

@@ -29,7 +29,7 @@ from flax import nnx
 from caig_jax.checkpoint import restore_params
 from caig_jax.errors import MissingPathError
 from caig_jax.models import attention
-from caig_jax.models.llava import LlavaModel, set_remat
+from caig_jax.models.llava import LlavaModel, set_remat, set_scan
 from caig_jax.models.lora import apply_lora, lora_train_mode, merge_lora
 from caig_jax.models.processing import LlavaInputs
 from caig_jax.objectives.preference import preference_loss, sequence_logps
@@ -48,6 +48,7 @@ def build_policy(config: ml_collections.ConfigDict, mesh) -> tuple[LlavaModel, m
     merge_lora(model)
     set_remat(model, config.model.remat_policy)
     attention.configure(model, config.model.attention, mesh, model.language_model.dtype)
+    set_scan(model, config.model.get("scan_layers", False))
     apply_lora(model.language_model, rank=config.lora.rank, alpha=config.lora.alpha, target=config.lora.target,
                seed=config.seed, dropout=config.lora.dropout)
     return model, sft_config, inputs

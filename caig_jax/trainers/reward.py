@@ -24,7 +24,7 @@ from caig_jax.checkpoint import restore_params
 from caig_jax.data.loader import resize_pair
 from caig_jax.data.reward_inputs import build_inputs, pair_model_inputs
 from caig_jax.models import attention
-from caig_jax.models.llava import LlavaConfig, set_remat
+from caig_jax.models.llava import LlavaConfig, set_remat, set_scan
 from caig_jax.models.lora import apply_lora
 from caig_jax.models.processing import LlavaInputs
 from caig_jax.models.reward import RewardModel, predict_batch
@@ -44,6 +44,7 @@ def build_model(config: ml_collections.ConfigDict, llava_config: LlavaConfig, me
         model = parallel.sharded_init(lambda: RewardModel(llava_config, rngs=nnx.Rngs(config.seed), dtype=dtype), mesh)
     set_remat(model.backbone, config.model.get("remat_policy", "none"))
     attention.configure(model, config.model.get("attention", "auto"), mesh, dtype)
+    set_scan(model.backbone, config.model.get("scan_layers", False))
     if config.model.lora_rank:
         apply_lora(model.backbone.language_model, rank=config.model.lora_rank, alpha=config.model.lora_alpha,
                    target=config.model.lora_target, seed=config.seed)

@@ -22,7 +22,7 @@ from caig_jax import parallel
 from caig_jax.checkpoint import restore_params
 from caig_jax.data.sft_inputs import build_inputs
 from caig_jax.models import attention
-from caig_jax.models.llava import LlavaConfig, LlavaModel
+from caig_jax.models.llava import LlavaConfig, LlavaModel, set_remat, set_scan
 from caig_jax.models.llava import from_pretrained as llava_from_pretrained
 from caig_jax.models.lora import apply_lora, lora_train_mode
 from caig_jax.models.processing import LlavaInputs
@@ -40,6 +40,7 @@ def build_model(config: ml_collections.ConfigDict, llava_config: LlavaConfig, me
         # The init program runs once: compiling it without LLVM optimisation halves its CPU time (~9 -> ~5 s).
         model = parallel.sharded_init(lambda: LlavaModel(llava_config, rngs=nnx.Rngs(config.seed), dtype=dtype), mesh,
                                       compiler_options={"xla_backend_optimization_level": 0})
+    set_scan(set_remat(model, config.model.get("remat_policy", "none")), config.model.get("scan_layers", False))
     if config.model.lora_rank:
         apply_lora(model.language_model, rank=config.model.lora_rank, alpha=config.model.lora_alpha,
                    target=config.model.lora_target, seed=config.seed, dropout=config.model.lora_dropout)
