@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.limit = 8  # the first N products (0 = all)
     c.prompt_model = "runs/caig/dpo_pcpo"
     c.template = "vicuna_v1"  # conversation format for a LLaVA-NeXT folder (our workdirs know their own)
+    c.attention = "auto"  # a LLaVA-NeXT folder's attention (xla | chunked | splash | cudnn | auto; workdirs: their own)
     c.reward_workdir = "runs/caig/reward"  # "" = no ranking
 
     c.samples = 4  # prompts per product

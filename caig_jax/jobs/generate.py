@@ -35,6 +35,7 @@ from caig_jax.errors import MissingPathError, UserError
 from caig_jax.eval.grids import write_grid
 from caig_jax.eval.prompt_models import Judge
 from caig_jax.files import write_json_atomic
+from caig_jax.models import attention
 from caig_jax.models.llava import from_pretrained as llava_from_pretrained
 from caig_jax.models.lora import merge_lora
 from caig_jax.models.processing import LlavaInputs
@@ -56,6 +57,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     checks.string("split")
     checks.integer("limit", min=0)
     checks.choice("template", tuple(TEMPLATES))
+    checks.choice("attention", attention.CHOICES)
     checks.string("reward_workdir")
     checks.integer("samples", min=1)
     checks.number("temperature", min=0)
@@ -90,9 +92,10 @@ def read_products(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     return products
 
 
-def load_prompt_model(path: str, template: str, mesh):
-    """(model, inputs) of a Prompt Model: a preference or SFT workdir (its own tokenizer and template; LoRA merged)
-    or a LLaVA-NeXT folder (transformers or original-LLaVA layout, asked with `template`)."""
+def load_prompt_model(path: str, template: str, attention_impl: str, mesh):
+    """(model, inputs) of a Prompt Model: a preference or SFT workdir (its own tokenizer, template and attention;
+    LoRA merged) or a LLaVA-NeXT folder (transformers or original-LLaVA layout, asked with `template`, attention
+    `attention_impl`)."""
     with open(os.path.join(path, "config.json")) as f:
         job = json.load(f).get("job")
     if job == "caig":
@@ -102,7 +105,7 @@ def load_prompt_model(path: str, template: str, mesh):
     elif job == "sft":
         model, _, inputs = load_sft(path, mesh)
     else:
-        model = llava_from_pretrained(path, mesh=mesh)
+        model = attention.configure(llava_from_pretrained(path, mesh=mesh), attention_impl, mesh)
         return model, LlavaInputs.from_pretrained(path, config=model.config, template=TEMPLATES[template])
     merge_lora(model)
     return model, inputs
@@ -158,7 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     products = read_products(config)  # every entry checked before a model is loaded
     log.info("%d products from %s", len(products), config.products)
     mesh = parallel.make_mesh(config.mesh.to_dict())
-    model, inputs = load_prompt_model(config.prompt_model, config.template, mesh)
+    model, inputs = load_prompt_model(config.prompt_model, config.template, config.attention, mesh)
     images, conversations = [], []
     for k, p in enumerate(products):
         with open(p["image_path"], "rb") as f:
