@@ -12,7 +12,7 @@ demo's final evaluation share.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,30 +32,41 @@ from caig_jax.trainers.reward import judge_pairs
 from caig_jax.trainers.reward import load_trained as load_reward_model
 
 
-class World:
-    """The marketplace the rounds run in: products, their PM input images and cut-outs, and the renderer.
+class AdRenderer:
+    """Ads around untouched products (a job config's `render` section): `kind='market'` paints backgrounds with the
+    marketplace's painter (`market.compose_ad`); `'sd'` inpaints them with the JAX SD-1.5 + ControlNet renderer
+    (`caig_jax.render.from_pretrained(sd_path, controlnet_path=...)`, CAIG's settings: Euler-ancestral, `steps`,
+    CFG `guidance_scale`, control scale 1.0, product pasted back)."""
 
-    `render.kind`: 'market' paints backgrounds with the marketplace's painter (`market.compose_ad`); 'sd' inpaints
-    them with the JAX SD-1.5 + ControlNet renderer (`caig_jax.render.from_pretrained(render.sd_path,
-    controlnet_path=render.controlnet_path)`, CAIG's settings: Euler-ancestral, `render.steps`, CFG
-    `render.guidance_scale`, control scale 1.0, product pasted back). True CTRs are the click model's on the ad
-    actually rendered (`market.true_ctr`).
-    """
-
-    def __init__(self, render_config, market_dir: str, mesh):
-        r = render_config  # a job config's `render` section
-        if r.kind not in ("market", "sd"):
-            raise UserError(f"config.render.kind={r.kind!r}: expected 'market' or 'sd'")
-        self.truth = MarketTruth.load(market_dir)
-        self.kind, self.size, self.seed = r.kind, r.size, r.seed
-        self.renderer = None
-        if r.kind == "sd":
-            if not r.sd_path:
+    def __init__(self, render_config, mesh):
+        c = self.config = render_config
+        if c.kind not in ("market", "sd"):
+            raise UserError(f"config.render.kind={c.kind!r}: expected 'market' or 'sd'")
+        self.pipeline = None
+        if c.kind == "sd":
+            if not c.sd_path:
                 raise UserError("config.render.kind='sd' needs config.render.sd_path (a diffusers SD-1.5 folder)",
                                 fix="pass --config.render.sd_path=DIR [--config.render.controlnet_path=DIR]")
-            self.renderer = render.from_pretrained(r.sd_path, controlnet_path=r.controlnet_path or None, mesh=mesh,
-                                                   attention=r.get("attention", "auto"))
-            self.steps, self.guidance = r.steps, r.guidance_scale
+            self.pipeline = render.from_pretrained(c.sd_path, controlnet_path=c.controlnet_path or None, mesh=mesh,
+                                                   attention=c.get("attention", "auto"))
+
+    def ads(self, rgba: np.ndarray, prompts: list[str]) -> list[np.ndarray]:
+        """uint8[H, W, 3] per prompt for one product cut-out uint8[h, w, 4] (SD: the prompts as one batch)."""
+        c = self.config
+        if self.pipeline is None:
+            return [market_lib.compose_ad(rgba, p, c.size, seed=c.seed) for p in prompts]
+        return list(self.pipeline.inpaint_product([rgba] * len(prompts), prompts, steps=c.steps,
+                                                  guidance_scale=c.guidance_scale, seed=c.seed))
+
+
+class World:
+    """The marketplace the rounds run in: products, their PM input images and cut-outs, and the `AdRenderer` of
+    the job's `render` section. True CTRs are the click model's on the ad actually rendered (`market.true_ctr`)."""
+
+    def __init__(self, render_config, market_dir: str, mesh):
+        self.truth = MarketTruth.load(market_dir)
+        self.renderer = AdRenderer(render_config, mesh)
+        self.kind, self.size, self.seed = render_config.kind, render_config.size, render_config.seed
         self._images: dict[str, np.ndarray] = {}
         self._cutouts: dict[str, np.ndarray] = {}
         self._ads: dict[tuple[str, str], np.ndarray] = {}
@@ -79,12 +90,11 @@ class World:
         return self._cutouts[pid]
 
     def ad(self, pid: str, prompt: str) -> np.ndarray:
-        if self.kind == "market":
-            return market_lib.compose_ad(self.cutout(pid), prompt, self.size, seed=self.seed)
+        if self.kind == "market":  # the painter is cheap and exact: nothing to cache
+            return self.renderer.ads(self.cutout(pid), [prompt])[0]
         key = (pid, prompt)
         if key not in self._ads:  # one product at a time: one compiled program, cached by (product, prompt)
-            self._ads[key] = self.renderer.inpaint_product([self.cutout(pid)], [prompt], steps=self.steps,
-                                                           guidance_scale=self.guidance, seed=self.seed)[0]
+            self._ads[key] = self.renderer.ads(self.cutout(pid), [prompt])[0]
         return self._ads[key]
 
     def true_ctr(self, pid: str, prompt: str) -> float:
@@ -117,6 +127,31 @@ class Judge:
         categories ("" when unknown) and attribute dicts ({} when unknown)."""
         return judge_pairs(self.model, self.config, self.inputs, self.llava_config, left_ads, right_ads, titles,
                            categories, [json.dumps(a) for a in attributes], self.mesh)
+
+
+def round_robin(sizes: Sequence[int], rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """(row, left option, right option) for every pair of each row's `sizes[row]` options, the sides of a pair at
+    random (one draw per pair, rows and pairs in order)."""
+    pairs = []
+    for row, n in enumerate(sizes):
+        for i in range(n):
+            for j in range(i + 1, n):
+                pairs.append((row, i, j) if rng.random() < 0.5 else (row, j, i))
+    return pairs
+
+
+def tally(pairs: Sequence[tuple[int, int, int]], logits: np.ndarray, sizes: Sequence[int]
+          ) -> tuple[list[np.ndarray], list[list[dict[str, Any]]]]:
+    """Each row's wins (float64[n]) and judged pairs `{"left", "right", "rm_logits", "winner"}` from the RM's
+    logits float32[P, 2] of `round_robin`'s pairs, decided by `objectives.reward.prefers_left`."""
+    wins = [np.zeros(n) for n in sizes]
+    judged: list[list[dict[str, Any]]] = [[] for _ in sizes]
+    for (row, left, right), lg in zip(pairs, logits, strict=True):
+        winner = left if prefers_left(lg[0], lg[1]) else right
+        wins[row][winner] += 1
+        judged[row].append({"left": left, "right": right, "rm_logits": [float(lg[0]), float(lg[1])],
+                            "winner": winner})
+    return wins, judged
 
 
 def sample_prompts(model, inputs, market: World, pids: list[str], templates: list[int], *, samples: int,

@@ -24,23 +24,20 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-import caig_jax.render as render
 from caig_jax import parallel
 from caig_jax.config_checks import Checks, common_checks
-from caig_jax.data import market as market_lib
 from caig_jax.data import product as product_lib
 from caig_jax.data.preference_inputs import instruction
 from caig_jax.data.sft_inputs import TEMPLATES, decode_image
 from caig_jax.errors import MissingPathError, UserError
 from caig_jax.eval.grids import write_grid
-from caig_jax.eval.prompt_models import Judge
+from caig_jax.eval.prompt_models import AdRenderer, Judge, round_robin, tally
 from caig_jax.files import write_json_atomic
 from caig_jax.models import attention
 from caig_jax.models.llava import from_pretrained as llava_from_pretrained
 from caig_jax.models.lora import merge_lora
 from caig_jax.models.processing import LlavaInputs
 from caig_jax.models.prompt_model import generate_replies
-from caig_jax.objectives.reward import prefers_left
 from caig_jax.trainers.preference import load_trained as load_policy
 from caig_jax.trainers.sft import load_trained as load_sft
 
@@ -111,44 +108,17 @@ def load_prompt_model(path: str, template: str, attention_impl: str, mesh):
     return model, inputs
 
 
-class AdRenderer:
-    """Ads around untouched products: the marketplace painter or SD-1.5 + ControlNet inpainting."""
-
-    def __init__(self, config: ml_collections.ConfigDict, mesh):
-        self.config = config
-        self.pipeline = None
-        if config.kind == "sd":
-            self.pipeline = render.from_pretrained(config.sd_path, controlnet_path=config.controlnet_path or None,
-                                                   mesh=mesh)
-
-    def ads(self, rgba: np.ndarray, prompts: list[str]) -> list[np.ndarray]:
-        """uint8[H, W, 3] per prompt for one product cut-out uint8[h, w, 4]."""
-        c = self.config
-        if self.pipeline is None:
-            return [market_lib.compose_ad(rgba, p, c.size, seed=c.seed) for p in prompts]
-        return list(self.pipeline.inpaint_product([rgba] * len(prompts), prompts, steps=c.steps,
-                                                  guidance_scale=c.guidance_scale, seed=c.seed))
-
-
 def rank(judge: Judge, product: dict[str, Any], ads: list[np.ndarray], rng: np.random.Generator
          ) -> tuple[list[int], list[float], list[dict[str, Any]]]:
     """(order best first, wins per ad, judged pairs) of one product's ads by the RM's pairwise verdicts."""
-    n = len(ads)
-    pairs = [(i, j, bool(rng.random() < 0.5)) for i in range(n) for j in range(i + 1, n)]
+    pairs = round_robin([len(ads)], rng)
     if not pairs:
         return [0], [0.0], []
-    left = [ads[i] if flip else ads[j] for i, j, flip in pairs]
-    right = [ads[j] if flip else ads[i] for i, j, flip in pairs]
     entry = product["entry"]
-    logits = judge.ad_logits(left, right, [product["caption"]] * len(pairs), [str(entry.get("category", ""))] *
-                             len(pairs), [dict(entry.get("attributes", {}))] * len(pairs))
-    wins, judged = np.zeros(n), []
-    for (i, j, flip), lg in zip(pairs, logits):
-        left_id, right_id = (i, j) if flip else (j, i)
-        winner = left_id if prefers_left(lg[0], lg[1]) else right_id
-        wins[winner] += 1
-        judged.append({"left": left_id, "right": right_id, "rm_logits": [float(lg[0]), float(lg[1])],
-                       "winner": winner})
+    logits = judge.ad_logits([ads[a] for _, a, _ in pairs], [ads[b] for _, _, b in pairs],
+                             [product["caption"]] * len(pairs), [str(entry.get("category", ""))] * len(pairs),
+                             [dict(entry.get("attributes", {}))] * len(pairs))
+    (wins,), (judged,) = tally(pairs, logits, [len(ads)])
     return [int(k) for k in np.argsort(-wins, kind="stable")], wins.tolist(), judged
 
 

@@ -38,11 +38,10 @@ from caig_jax.config_checks import Checks, common_checks, layer_checks, train_ch
 from caig_jax.data.preference_inputs import corrupt, sequence_batch
 from caig_jax.errors import UserError
 from caig_jax.eval.grids import write_grid
-from caig_jax.eval.prompt_models import Judge, World, evaluate_policy, sample_prompts, scalars
+from caig_jax.eval.prompt_models import Judge, World, evaluate_policy, round_robin, sample_prompts, scalars, tally
 from caig_jax.files import save_npz_atomic, write_atomic, write_json_atomic
 from caig_jax.metrics import MetricWriter
 from caig_jax.models import attention
-from caig_jax.objectives.reward import prefers_left
 from caig_jax.trainers.preference import build_policy, make_loss_fn, reference_params, sequence_logps_of
 from caig_jax.trainers.trainer import Trainer
 
@@ -56,26 +55,16 @@ def choose(judge: Judge, market: World, pids: list[str], prompts: list[list[str]
            ) -> list[dict[str, Any]]:
     """Chosen / rejected per product by the RM: N = 2 one pair (sides at random); N > 2 every pair, best vs worst
     by pairwise wins (ties: the earlier sample)."""
-    pairs = []  # (product row, i, j, i goes left)
-    for row, options in enumerate(prompts):
-        n = len(options)
-        for i in range(n):
-            for j in range(i + 1, n):
-                pairs.append((row, i, j, bool(rng.random() < 0.5)))
-    left = [prompts[r][i] if flip else prompts[r][j] for r, i, j, flip in pairs]
-    right = [prompts[r][j] if flip else prompts[r][i] for r, i, j, flip in pairs]
-    logits = judge.logits(market, [pids[r] for r, *_ in pairs], left, right)
-    wins = [np.zeros(len(p)) for p in prompts]
-    records = [{"product": pid, "prompts": list(options), "pairs": []} for pid, options in zip(pids, prompts)]
-    for (row, i, j, flip), lg in zip(pairs, logits):
-        left_wins = bool(prefers_left(lg[0], lg[1]))
-        winner = (i if flip else j) if left_wins else (j if flip else i)
-        wins[row][winner] += 1
-        records[row]["pairs"].append({"left": i if flip else j, "right": j if flip else i,
-                                      "rm_logits": [float(lg[0]), float(lg[1])], "winner": winner})
-    for row, record in enumerate(records):
-        order = np.argsort(-wins[row], kind="stable")
-        record["chosen"], record["rejected"] = int(order[0]), int(order[-1])
+    sizes = [len(options) for options in prompts]
+    pairs = round_robin(sizes, rng)
+    logits = judge.logits(market, [pids[r] for r, _, _ in pairs], [prompts[r][a] for r, a, _ in pairs],
+                          [prompts[r][b] for r, _, b in pairs])
+    wins, judged = tally(pairs, logits, sizes)
+    records = []
+    for pid, options, row_wins, row_pairs in zip(pids, prompts, wins, judged):
+        order = np.argsort(-row_wins, kind="stable")
+        records.append({"product": pid, "prompts": list(options), "pairs": row_pairs, "chosen": int(order[0]),
+                        "rejected": int(order[-1])})
     return records
 
 
