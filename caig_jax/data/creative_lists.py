@@ -19,7 +19,6 @@ as the reward model's prompt shows them) stands in: both models see the same tex
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -27,20 +26,16 @@ import jax
 import numpy as np
 
 from caig_jax.data.loader import reward_batches
+from caig_jax.data.reward_inputs import product_attributes
 
 # text -> (ids int32[N, T], mask int32[N, T])
 TextEncoder = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 
 
 def attribute_text(category: str, attributes: str) -> str:
-    """`category: mug; colour: teal; ...` from a pair's category and attributes (JSON object text, or free text)."""
-    try:
-        parsed = json.loads(attributes) if attributes else {}
-    except json.JSONDecodeError:
-        parsed = {"attributes": attributes}
-    if not isinstance(parsed, dict):
-        parsed = {"attributes": str(parsed)}
-    return "; ".join(f"{k}: {v}" for k, v in {"category": category.replace("_", " "), **parsed}.items())
+    """`category: mug; colour: teal; ...` from a pair's category and attributes (JSON object text, or free text):
+    the reward model's `product_attributes` as one line."""
+    return "; ".join(f"{k}: {v}" for k, v in product_attributes(category, attributes).items())
 
 
 @dataclasses.dataclass

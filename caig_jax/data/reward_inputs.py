@@ -32,7 +32,7 @@ from caig_jax.models.reward import reward_prompt, tiny_llava_config
 # ================================================================================================
 # Conversation text.
 # ================================================================================================
-def _attributes(category: str, attributes: str) -> dict:
+def product_attributes(category: str, attributes: str) -> dict:
     """The product attributes shown to the RM: the side file's JSON object (or free text), plus the category."""
     try:
         parsed = json.loads(attributes) if attributes else {}
@@ -44,7 +44,7 @@ def _attributes(category: str, attributes: str) -> dict:
 
 
 def rm_conversation(caption: str, category: str, attributes: str) -> list[dict]:
-    return [{"role": "user", "content": reward_prompt(caption, _attributes(category, attributes))}]
+    return [{"role": "user", "content": reward_prompt(caption, product_attributes(category, attributes))}]
 
 
 
