@@ -18,7 +18,6 @@ config stops with an error instead of mixing results.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -166,10 +165,7 @@ def final_evaluation(config: ml_collections.ConfigDict, workdir: str, configs, m
     judge = Judge(po.reward_workdir, mesh)
     pids = market.products(config.eval.split)
     pids = pids[: config.eval.products] if config.eval.products else pids
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "test_reads.jsonl"), "a") as f:
-            f.write(json.dumps({"split": config.eval.split, "by": "caig final evaluation", "products": len(pids),
-                                "time": datetime.datetime.now(datetime.timezone.utc).isoformat()}) + "\n")
+    reward_job.log_test_read(workdir, split=config.eval.split, by="caig final evaluation", products=len(pids))
     kwargs = dict(samples=config.eval.samples, temperature=config.eval.temperature, seed=config.seed,
                   generation=po.generation)
     result: dict[str, Any] = {"split": config.eval.split, "products": pids, "policies": {}}

@@ -206,6 +206,15 @@ def saved_final_evaluation(config: ml_collections.ConfigDict, workdir: str) -> d
     return saved
 
 
+def log_test_read(workdir: str, **record) -> None:
+    """Appends one opening of the test split (`record` + the UTC time) to `<workdir>/test_reads.jsonl`, before it
+    happens (process 0)."""
+    if jax.process_index() == 0:
+        record["time"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        with open(os.path.join(workdir, TEST_READS), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def final_evaluation(config, workdir: str, trained, data_dir: str, mesh, saved: dict | None = None,
                      evaluate_fn=None) -> dict:
     """The test split, once per run: `trained` is [(name, run_dir, model, run_config, val_metrics)].
@@ -224,10 +233,7 @@ def final_evaluation(config, workdir: str, trained, data_dir: str, mesh, saved: 
             log.info("%s: test already evaluated (%s); not read again", name, FINAL_EVALUATION)
             results[name] = record["runs"][name]
             continue
-        if jax.process_index() == 0:
-            with open(os.path.join(workdir, TEST_READS), "a") as f:
-                f.write(json.dumps({"run": name, "split": config.data.test_split, "by": FINAL,
-                                    "time": datetime.datetime.now(datetime.timezone.utc).isoformat()}) + "\n")
+        log_test_read(workdir, run=name, split=config.data.test_split, by=FINAL)
         log.info("final evaluation of %s on %r (read once)", name, config.data.test_split)
         predictions = os.path.join(run_dir, "test_predictions.process{process}.npz")
         results[name] = (evaluate_fn or evaluate_split)(run_config, data_dir, config.data.test_split, model, mesh,
