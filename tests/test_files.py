@@ -76,6 +76,11 @@ def test_metric_writer_on_a_gs_workdir_writes_jsonl_and_tensorboard_there(fake_g
     rows = read_jsonl("gs://bucket/run/metrics.jsonl")
     assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.25)]
 
+    from caig_jax.eval.plots import training_curves
+
+    training_curves("gs://bucket/run/metrics.jsonl", "gs://bucket/run/plots/training.png")  # a report's plot
+    assert bytes(fake_gcs["/bucket/run/plots/training.png"].getvalue()).startswith(b"\x89PNG")
+
 
 def test_checkpoint_manager_keeps_a_gs_directory_a_uri(fake_gcs, monkeypatch):
     from orbax.checkpoint._src.path import gcs_utils
