@@ -7,7 +7,7 @@ so both work the same way:
 - local paths: plain files; `write_atomic` writes a temporary file and renames it (a file is complete or absent,
   never half-written: what resuming relies on).
 - URIs (`gs://bucket/...`): `etils.epath`, whose `gs://` backend is fsspec's `gcs` filesystem (gcsfs, installed
-  on the pod from requirements-tpu.txt) or `tf.io.gfile` when TensorFlow is installed. An object store has no
+  on the pod from requirements-gcs.txt) or `tf.io.gfile` when TensorFlow is installed. An object store has no
   rename and no append: an object appears whole when its upload finishes, so `write_atomic` writes it directly,
   and `Appender` rewrites the object with every row so far when it flushes.
 
@@ -37,8 +37,8 @@ def is_uri(path: str) -> bool:
 
 def check_uri_support(path: str) -> None:
     """Raises `PathError` before a run starts when this host cannot write a `gs://` workdir: etils.epath needs gcsfs
-    (or TensorFlow) for `gs://`, and Orbax asks the bucket for its layout through google-cloud-storage. Neither is
-    pinned in requirements.txt: gcsfs pins fsspec to its own release, which differs from constraints.txt's."""
+    (or TensorFlow) for `gs://`, and Orbax asks the bucket for its layout through google-cloud-storage. Both are in
+    requirements-gcs.txt (launch/pod.py installs it for gs:// workdirs), not in requirements.txt."""
     scheme = os.fspath(path).split("://", 1)[0]
     if scheme != "gs":
         raise PathError(f"--workdir={path}: only local folders and gs:// buckets are supported, not {scheme}://")
@@ -47,7 +47,7 @@ def check_uri_support(path: str) -> None:
     if missing:
         raise PathError(f"--workdir={path} is on GCS but this host lacks {' and '.join(missing)} (etils.epath reads "
                         "and writes gs:// through gcsfs; Orbax checks the bucket with google-cloud-storage)",
-                        fix=f"pip install {' '.join(missing)} (gcsfs with the fsspec release it pins)")
+                        fix="pip install -r requirements-gcs.txt -c constraints.txt")
 
 
 def _importable(module: str) -> bool:

@@ -104,7 +104,7 @@ def test_a_gs_workdir_without_a_gcs_client_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(files, "_importable", lambda module: module in installed)
     with pytest.raises(PathError, match="lacks gcsfs and google-cloud-storage") as e:
         files.check_uri_support("gs://bucket/run")
-    assert e.value.fix.startswith("pip install gcsfs google-cloud-storage")
+    assert e.value.fix == "pip install -r requirements-gcs.txt -c constraints.txt"
     installed.update({"tensorflow", "google.cloud.storage"})  # tf.io.gfile serves gs:// in gcsfs's place
     files.check_uri_support("gs://bucket/run")
     with pytest.raises(PathError, match="not s3://"):
