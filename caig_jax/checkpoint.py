@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from caig_jax import parallel
+from caig_jax import files, parallel
 from caig_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, *, keep: int = 3, every: int = 100, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = files.absolute(directory)  # a gs:// URI stays one
         self.last_verified_step: int | None = None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -307,7 +307,7 @@ class Checkpointer:
         trainable set is named by its first differing leaf before any array is read.
         """
         _drop_failed_read_reports()
-        if not os.path.isdir(os.path.join(self.directory, str(step), "fingerprint")):
+        if not files.isdir(os.path.join(self.directory, str(step), "fingerprint")):
             return None, "has no fingerprint/ item (written before caig_jax verified checkpoints, or deleted)"
         try:
             saved = self.manager.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore())).fingerprint
@@ -420,7 +420,7 @@ class Checkpointer:
 def checkpoint_dir(path: str) -> str:
     """The checkpoints folder of a training workdir (`<path>/checkpoints`), or `path` when it is one."""
     nested = os.path.join(path, "checkpoints")
-    return nested if os.path.isdir(nested) else path
+    return nested if files.isdir(nested) else path
 
 
 def restore_params(path: str, model: nnx.Module, mesh, *, trainable: Any = nnx.Param, step: int | None = None):
@@ -439,7 +439,7 @@ def restore_params(path: str, model: nnx.Module, mesh, *, trainable: Any = nnx.P
       `model`'s trained set or its parameters do not match the step's fingerprint.
     """
     directory = checkpoint_dir(path)
-    if not os.path.isdir(directory):
+    if not files.isdir(directory):
         raise CheckpointError(f"{path!r} holds no checkpoints (expected a training workdir or its checkpoints/)")
     manager = ocp.CheckpointManager(directory, item_names=("state", "data", "meta", "fingerprint"),
                                     options=ocp.CheckpointManagerOptions(create=False, read_only=True))

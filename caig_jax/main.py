@@ -23,7 +23,7 @@ from typing import NoReturn
 from absl import app, flags
 from ml_collections import config_flags
 
-from caig_jax import parallel
+from caig_jax import files, parallel
 from caig_jax.config_files import add_config_root, config_keys, load_config
 from caig_jax.errors import MissingPathError, PathError, UserError, format_user_error
 
@@ -129,7 +129,8 @@ def _check_workdir(workdir: str) -> None:
     """Raises `PathError` when `workdir` cannot be the run's folder: a file, or (its nearest existing parent) not
     writable. Creates nothing, so a run stopped by a later error leaves no empty folder behind."""
     if "://" in workdir:
-        return  # remote storage: the job's own writes report their errors
+        files.check_uri_support(workdir)  # a missing GCS client is named now, not at the first checkpoint
+        return
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise PathError(f"--workdir={workdir} is a file, not a folder", fix="pass a folder path (created if missing)")
     existing = os.path.abspath(workdir)

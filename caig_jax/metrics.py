@@ -1,6 +1,7 @@
 """Metric writing (TensorBoard event files + JSONL) and a console progress bar.
 
-Only process 0 writes files; every process may call the methods.
+Only process 0 writes files; every process may call the methods. A `gs://` workdir works like a local one: every
+file goes through `caig_jax.files` (etils.epath), TensorBoard's event files included.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
+
+from caig_jax import files
 
 
 def _scalar(value) -> float:
@@ -37,13 +40,15 @@ class MetricWriter:
         self._tb = None
         self._jsonl = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
+            files.makedirs(workdir)
             purge_step = None
             if start_step is not None:
                 truncate_jsonl(self.jsonl_path, start_step)
                 purge_step = start_step + 1
+            if files.is_uri(workdir):
+                files.use_epath_for_tensorboard(workdir.split("://", 1)[0])
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10, purge_step=purge_step)
-            self._jsonl = open(self.jsonl_path, "a", buffering=1)
+            self._jsonl = files.Appender(self.jsonl_path)
 
     def write(self, step: int, metrics: Mapping[str, float], prefix: str = "") -> None:
         if not self.enabled:
@@ -62,8 +67,8 @@ class MetricWriter:
         if not self.enabled:
             return False
         self._jsonl.flush()
-        with open(self.jsonl_path) as f:
-            for line in f:
+        if files.exists(self.jsonl_path):
+            for line in files.read_text(self.jsonl_path).splitlines():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
@@ -75,6 +80,7 @@ class MetricWriter:
     def flush(self) -> None:
         if self.enabled:
             self._tb.flush()
+            self._jsonl.flush()
 
     def close(self) -> None:
         if self.enabled:
@@ -85,10 +91,9 @@ class MetricWriter:
 def truncate_jsonl(path: str, step: int) -> int:
     """Drops the rows of a metrics JSONL file whose step is after `step` (and a partial last line, which a
     process killed mid-write leaves). Rewrites the file atomically; returns how many rows were dropped."""
-    if not os.path.exists(path):
+    if not files.exists(path):
         return 0
-    with open(path) as f:
-        lines = f.readlines()
+    lines = files.read_text(path).splitlines(keepends=True)
     kept = []
     for line in lines:
         try:
@@ -98,16 +103,12 @@ def truncate_jsonl(path: str, step: int) -> int:
             pass  # a torn or foreign line: dropped with the rows after the restored step
     dropped = sum(1 for line in lines if line.strip()) - len(kept)
     if dropped:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        files.write_atomic(path, "".join(kept))
     return dropped
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
 
 
 class Progress:

@@ -25,12 +25,14 @@ Options:
 - `reward_workdir`: a reward job's workdir (optional: without it the ads keep the sampling order).
 
 Presets (`:ARG`): `tiny` (the demo's outputs, the marketplace painter) and `sd15` (SD-1.5 + ControlNet at 512 px,
-30 Euler-ancestral steps, CFG 7.5: set the two weight folders).
+30 Euler-ancestral steps, CFG 7.5: set the two weight folders) and `7b` (CAIG's released LLaVA-v1.6-Vicuna-7B Prompt
+Model as `prompt_model`, bf16 parameters, mesh tensor=4: a v5e-4 slice; plus the sd15 renderer). Will it fit:
+`python -m caig_jax.aot --config=configs/generate.py:7b --topology=v5e:2x2` (the README's table).
 """
 
 import ml_collections
 
-PRESETS = ("tiny", "sd15")
+PRESETS = ("tiny", "sd15", "7b")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -47,6 +49,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.prompt_model = "runs/caig/dpo_pcpo"
     c.template = "vicuna_v1"  # conversation format for a LLaVA-NeXT folder (our workdirs know their own)
     c.attention = "auto"  # a LLaVA-NeXT folder's attention (xla | chunked | splash | cudnn | auto; workdirs: their own)
+    # A LLaVA-NeXT folder's compute and parameter dtypes (workdirs: their own). float32 parameters of a 7B model
+    # (28 GB) do not fit a 16 GiB v5e chip even split four ways with the KV cache; bf16 ones do.
+    c.dtype = "float32"
+    c.param_dtype = "float32"
+    c.aot_model = "tiny"  # the architecture `python -m caig_jax.aot` compiles when prompt_model is not on this host
     c.reward_workdir = "runs/caig/reward"  # "" = no ranking
 
     c.samples = 4  # prompts per product
@@ -61,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.render.controlnet_path = ""
     c.render.steps = 30
     c.render.guidance_scale = 7.5
+    c.render.dtype = "float32"  # the SD renderer's parameters and compute
 
     if preset == "tiny":
         pass
@@ -70,8 +78,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.render.size = 512
         c.render.sd_path = "/path/to/stable-diffusion-v1-5"
         c.render.controlnet_path = "/path/to/control_v11p_sd15_canny"
+        c.render.dtype = "bfloat16"
         c.generation.max_new_tokens = 77
+    elif preset == "7b":
+        # CAIG's released Prompt Model (LLaVA-v1.6-Vicuna-7B, transformers layout) on a v5e-4 slice: bf16 parameters
+        # split over tensor=4 (13 GiB per chip with the KV cache; fsdp=4 instead re-gathers every weight at each
+        # decode step), 8 prompts per program, 64 new tokens (CAIG's prompts are ~20 words).
+        c.cpu_devices = 0
+        c.prompt_model = "/path/to/llava-v1.6-vicuna-7b"
+        c.template = "vicuna_v1"
+        c.dtype = "bfloat16"
+        c.param_dtype = "bfloat16"
+        c.aot_model = "7b"
+        c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 4})
+        c.generation.max_new_tokens = 64
+        c.generation.batch_size = 8
+        c.render.kind = "sd"
+        c.render.size = 512
+        c.render.sd_path = "/path/to/stable-diffusion-v1-5"
+        c.render.controlnet_path = "/path/to/control_v11p_sd15_canny"
+        c.render.dtype = "bfloat16"
     else:
-        raise ValueError(f"configs/generate.py: unknown preset {preset!r}; choose 'tiny' or 'sd15'")
+        raise ValueError(f"configs/generate.py: unknown preset {preset!r}; choose one of {PRESETS}")
     c.lock()
     return c

@@ -9,7 +9,8 @@ its images are noise by construction. Without `products` it draws a few syntheti
 into `<workdir>/products/`. Expect a progress bar in images/s, then `<workdir>/renders/<id>_<k>.png` (one per
 product and prompt), `<workdir>/contact_sheet.png` and `<workdir>/render_report.{json,md}`.
 
-Real weights (`sd15`: CAIG's settings, Euler-ancestral, 30 steps, CFG 7.5, control scale 1.0, 512x512):
+Real weights (`sd15`: CAIG's settings, Euler-ancestral, 30 steps, CFG 7.5, control scale 1.0, 512x512, bf16
+parameters, batch 8 over the `data` axis):
     python -m caig_jax.main --config=configs/render.py:sd15 --workdir=/tmp/render_sd15 \\
         --config.sd_path=/ckpt/stable-diffusion-v1-5 \\
         --config.controlnet_path=/ckpt/control_v11p_sd15_canny \\
@@ -58,6 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.synthetic_products = True
         c.steps = 4
     elif preset == "sd15":
-        pass
+        # bf16 parameters and compute: SD-1.5 + ControlNet (1.2B parameters, 2.4 GB) fits every accelerator chip
+        # whole, so the batch goes over `data` and no tensor axis is needed (`python -m caig_jax.aot
+        # --config=configs/render.py:sd15 --topology=v5e:2x2`: the README's table).
+        c.dtype = "bfloat16"
     c.lock()
     return c

@@ -29,6 +29,12 @@ ARCHIVE = "/tmp/caig_jax.tgz"
 # Pinned installs on the workers: the project's requirements, then jax's TPU extra at the project's JAX pin.
 INSTALL = ("python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt -c constraints.txt "
            "&& .venv/bin/pip install -q -r requirements-tpu.txt")
+# A gs:// workdir also needs the GCS clients (etils.epath's gcsfs backend, Orbax's google-cloud-storage).
+INSTALL_GCS = " && .venv/bin/pip install -q -r requirements-gcs.txt -c constraints.txt"
+
+
+def install_command(args: argparse.Namespace) -> str:
+    return INSTALL + (INSTALL_GCS if args.workdir.startswith("gs://") else "")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -91,7 +97,7 @@ def tpu_vm_commands(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         _join(["tar", "-czf", ARCHIVE, "--exclude=.venv", "--exclude=.git", "--exclude=runs", "."]),
         _join([*tpu, "scp", ARCHIVE, f"{args.tpu}:{ARCHIVE}", *where, "--worker=all"]),
         _join([*ssh_all, f"mkdir -p {REMOTE_DIR} && tar -C {REMOTE_DIR} -xzf {ARCHIVE} && cd {REMOTE_DIR} "
-                         f"&& {INSTALL}"]),
+                         f"&& {install_command(args)}"]),
         # --worker=all runs the command on every host at once and streams each one's output here.
         _join([*ssh_all, run]),
     ]
@@ -103,7 +109,7 @@ def xpk_commands(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """xpk builds an image from this checkout (`--base-docker-image`), runs the command on every VM of the slice."""
     where = [f"--cluster={args.cluster}", f"--zone={args.zone}"] + (
         [f"--project={args.project}"] if args.project else [])
-    install = INSTALL.replace(".venv/bin/", "").replace("python3 -m venv .venv && ", "")
+    install = install_command(args).replace(".venv/bin/", "").replace("python3 -m venv .venv && ", "")
     # xpk copies the current directory into the image's working directory; install there, then run.
     command = f"{install.replace('pip install', 'python -m pip install')} && {job_command(args)}"
     launch = [

@@ -233,3 +233,16 @@ def _load_generate_config():
     from caig_jax.config_files import load_config
 
     return load_config(os.path.join(REPO, "configs", "generate.py:tiny"))
+
+
+def test_generate_rejects_bf16_parameters_under_float32_compute():
+    from caig_jax.config_checks import ConfigError
+    from caig_jax.jobs import generate
+
+    c = _load_generate_config()
+    c.param_dtype = "bfloat16"
+    with pytest.raises(ConfigError, match="param_dtype"):
+        generate.validate(c)
+    c.dtype, c.render.dtype = "bfloat16", "float16"
+    with pytest.raises(ConfigError, match="render.dtype"):
+        generate.validate(c)

@@ -27,6 +27,7 @@ def test_tpu_vm_dry_run_creates_copies_installs_runs_everywhere_and_deletes():
     assert lines[3].startswith("gcloud compute tpus tpu-vm ssh caig --zone=us-east5-a --worker=all --command ")
     assert "pip install -q -r requirements.txt -c constraints.txt" in lines[3]
     assert "-r requirements-tpu.txt" in lines[3]
+    assert lines[3].endswith("pip install -q -r requirements-gcs.txt -c constraints.txt'")  # a gs:// workdir
     assert lines[4] == (
         "gcloud compute tpus tpu-vm ssh caig --zone=us-east5-a --worker=all --command 'set -o pipefail; "
         "cd ~/caig_jax && mkdir -p logs && PYTHONUNBUFFERED=1 LIBTPU_INIT_ARGS=--xla_enable_async_all_gather=true "
@@ -44,5 +45,8 @@ def test_xpk_dry_run_and_runtime_defaults():
     assert "PYTHONUNBUFFERED=1 python -m caig_jax.main --config=configs/reward.py:7b --workdir=gs://b/rm7b'" in lines[0]
     assert lines[1:] == [f"xpk workload list {where} --wait-for-job-completion=caig-jax",
                          f"xpk workload delete {where} --workload=caig-jax"]
+    assert "python -m pip install -q -r requirements-gcs.txt -c constraints.txt && " in lines[0]
     v4 = _dry_run("--keep", *[a.replace("v5p-128", "v4-64") for a in COMMON])
     assert "--version=tpu-ubuntu2204-base" in v4[0] and not any(" delete " in line for line in v4)
+    local = _dry_run("--tpu=caig", *[a.replace("gs://b/rm7b", "/mnt/shared/rm7b") for a in COMMON])
+    assert "requirements-gcs.txt" not in local[3]  # a shared local filesystem needs no GCS client

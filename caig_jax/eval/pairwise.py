@@ -61,16 +61,18 @@ def _gather_rows(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             encoded = [str(s).encode("utf-8") for s in a.tolist()]
             w = int(parallel.process_allgather_int(max([len(e) for e in encoded], default=0)).max()) or 1
             a = np.frombuffer(b"".join(e.ljust(w, b"\0") for e in encoded), np.uint8).reshape(n, w)
-        elif a.dtype == np.float64:
-            a = a.astype(np.float32)
-        elif a.dtype == np.int64:
-            a = a.astype(np.int32)
+        wide = a.dtype.kind in "fiu" and a.dtype.itemsize == 8
+        if wide:  # jax without x64 would narrow 64-bit values: they travel as pairs of uint32, bit for bit
+            dtype = a.dtype
+            a = np.ascontiguousarray(a).view(np.uint32).reshape(a.shape + (2,))
         padded = np.zeros((width, *a.shape[1:]), a.dtype)
         padded[:n] = a
         everything = np.asarray(multihost_utils.process_allgather(padded, tiled=False))  # [P, width, ...]
         rows = np.concatenate([everything[p, : counts[p]] for p in range(len(counts))], axis=0)
         if is_text:
             rows = np.asarray([bytes(r).rstrip(b"\0").decode("utf-8") for r in rows])
+        elif wide:
+            rows = np.ascontiguousarray(rows).view(dtype).reshape(rows.shape[:-1])
         out[key] = rows
     return out
 
@@ -143,6 +145,11 @@ def evaluate(
     if predictions_path:
         save_npz_atomic(predictions_path.format(process=jax.process_index()), local)
     rows = _gather_rows(local)
+    if "index" in rows and jax.process_count() > 1:
+        # Process-major order -> the split's order, which one process has: float sums (Pearson, ECE) then agree
+        # with a one-process run to the last bit, not only to rounding.
+        order = np.argsort(rows["index"], kind="stable")
+        rows = {k: v[order] for k, v in rows.items()}
     return reward_accuracy.pairwise_metrics(
         rows["cls_logits"], rows["ctr_pred"], rows["label"], rows["ctr"],
         categories=rows.get("category"), true_ctrs=rows.get("true_ctr"), items=rows.get("item_id"),

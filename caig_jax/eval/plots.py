@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from caig_jax import files  # noqa: E402
 from caig_jax.eval import reward_accuracy  # noqa: E402
 
 _BLUE, _ORANGE, _GREY, _GREEN, _RED = "#1f77b4", "#ff7f0e", "#7f7f7f", "#2ca02c", "#d62728"
@@ -34,10 +36,11 @@ def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
 
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=120, format=os.path.splitext(path)[1].lstrip(".") or "png")
     plt.close(fig)
+    files.write_atomic(path, image.getvalue())  # a local folder or a gs:// workdir
     return path
 
 
@@ -188,10 +191,9 @@ def training_curves(metrics_jsonl_path: str, path: str) -> str:
     as thin raw lines plus a moving average, eval series as markers. Loss components (`train/ce`,
     `train/mse`) are drawn when present.
     """
-    if not os.path.exists(metrics_jsonl_path):
+    if not files.exists(metrics_jsonl_path):
         raise FileNotFoundError(f"no metrics file at {metrics_jsonl_path}")
-    with open(metrics_jsonl_path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = [json.loads(line) for line in files.read_text(metrics_jsonl_path).splitlines() if line.strip()]
     keys = sorted({k for r in records for k in r} - {"step", "time"})
     loss_keys = [k for k in keys if k.split("/", 1)[-1] in ("loss", "ce", "mse")]
     acc_keys = [k for k in keys if "accuracy" in k.split("/", 1)[-1] and not k.endswith(("_ci", "_lo", "_hi"))]

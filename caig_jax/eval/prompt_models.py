@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 import caig_jax.render as render
@@ -47,8 +48,10 @@ class AdRenderer:
             if not c.sd_path:
                 raise UserError("config.render.kind='sd' needs config.render.sd_path (a diffusers SD-1.5 folder)",
                                 fix="pass --config.render.sd_path=DIR [--config.render.controlnet_path=DIR]")
+            # `render.dtype` (parameters and compute): bfloat16 in the inference presets; float32 by default.
             self.pipeline = render.from_pretrained(c.sd_path, controlnet_path=c.controlnet_path or None, mesh=mesh,
-                                                   attention=c.get("attention", "auto"))
+                                                   attention=c.get("attention", "auto"),
+                                                   dtype=jnp.dtype(c.get("dtype", "float32")))
 
     def ads(self, rgba: np.ndarray, prompts: list[str]) -> list[np.ndarray]:
         """uint8[H, W, 3] per prompt for one product cut-out uint8[h, w, 4] (SD: the prompts as one batch)."""

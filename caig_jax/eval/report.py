@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from caig_jax import files
 from caig_jax.eval import plots as plot_lib
 from caig_jax.eval.reward_accuracy import report_markdown, to_jsonable
 from caig_jax.files import write_atomic, write_json_atomic
@@ -36,7 +37,7 @@ def write_report(
     Returns:
       `{name: path}` of every file written.
     """
-    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
+    files.makedirs(os.path.join(out_dir, "plots"))
     preds = predictions if predictions is not None else getattr(metrics, "predictions", None)
     plots: dict[str, str] = {}
 

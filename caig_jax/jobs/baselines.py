@@ -25,7 +25,7 @@ import os
 import jax
 import ml_collections
 
-from caig_jax import parallel
+from caig_jax import files, parallel
 from caig_jax.config_checks import Checks, common_checks, market_checks, train_checks
 from caig_jax.data import reward_inputs
 from caig_jax.data.creative_lists import ListBatches, creative_lists
@@ -132,7 +132,7 @@ def train_one(config, workdir: str, data_dir: str, mesh):
     run_config = ml_collections.ConfigDict(config.to_dict())
     run_config.data.dir = data_dir
     run_config.workdir = workdir
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)  # local or gs://
     if jax.process_index() == 0:
         write_json_atomic(os.path.join(workdir, "config.json"), run_config.to_dict(), default=list)
 

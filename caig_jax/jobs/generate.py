@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -55,6 +56,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     checks.integer("limit", min=0)
     checks.choice("template", tuple(TEMPLATES))
     checks.choice("attention", attention.CHOICES)
+    checks.choice("dtype", ("float32", "bfloat16"))
+    checks.choice("param_dtype", ("float32", "bfloat16"))
+    checks.choice("aot_model", ("tiny", "7b"))
     checks.string("reward_workdir")
     checks.integer("samples", min=1)
     checks.number("temperature", min=0)
@@ -65,6 +69,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     checks.integer("render.size", min=32)
     checks.integer("render.steps", min=1)
     checks.number("render.guidance_scale", min=0)
+    checks.choice("render.dtype", ("float32", "bfloat16"))
+    if checks.get("dtype", "float32") == "float32" and checks.get("param_dtype", "float32") == "bfloat16":
+        checks.problem("param_dtype", "float32 with dtype='float32' (bfloat16 parameters go with bfloat16 compute)")
     checks.done()
     if not os.path.exists(os.path.join(config.prompt_model, "config.json")):
         raise MissingPathError(f"config.prompt_model={config.prompt_model!r} is not a Prompt Model (no config.json)",
@@ -89,10 +96,11 @@ def read_products(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     return products
 
 
-def load_prompt_model(path: str, template: str, attention_impl: str, mesh):
-    """(model, inputs) of a Prompt Model: a preference or SFT workdir (its own tokenizer, template and attention;
-    LoRA merged) or a LLaVA-NeXT folder (transformers or original-LLaVA layout, asked with `template`, attention
-    `attention_impl`)."""
+def load_prompt_model(path: str, template: str, attention_impl: str, mesh, *, dtype="float32",
+                      param_dtype="float32"):
+    """(model, inputs) of a Prompt Model: a preference or SFT workdir (its own tokenizer, template, attention and
+    dtypes; LoRA merged) or a LLaVA-NeXT folder (transformers or original-LLaVA layout, asked with `template`,
+    attention `attention_impl`, compute `dtype`, parameters streamed in as `param_dtype`)."""
     with open(os.path.join(path, "config.json")) as f:
         job = json.load(f).get("job")
     if job == "caig":
@@ -102,7 +110,8 @@ def load_prompt_model(path: str, template: str, attention_impl: str, mesh):
     elif job == "sft":
         model, _, inputs = load_sft(path, mesh)
     else:
-        model = attention.configure(llava_from_pretrained(path, mesh=mesh), attention_impl, mesh)
+        model = llava_from_pretrained(path, mesh=mesh, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype))
+        model = attention.configure(model, attention_impl, mesh, jnp.dtype(dtype))
         return model, LlavaInputs.from_pretrained(path, config=model.config, template=TEMPLATES[template])
     merge_lora(model)
     return model, inputs
@@ -131,7 +140,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     products = read_products(config)  # every entry checked before a model is loaded
     log.info("%d products from %s", len(products), config.products)
     mesh = parallel.make_mesh(config.mesh.to_dict())
-    model, inputs = load_prompt_model(config.prompt_model, config.template, config.attention, mesh)
+    model, inputs = load_prompt_model(config.prompt_model, config.template, config.attention, mesh,
+                                      dtype=config.dtype, param_dtype=config.param_dtype)
     images, conversations = [], []
     for k, p in enumerate(products):
         with open(p["image_path"], "rb") as f:

@@ -33,7 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from caig_jax import parallel
+from caig_jax import files, parallel
 from caig_jax.config_checks import Checks, common_checks, layer_checks, train_checks
 from caig_jax.data.preference_inputs import corrupt, sequence_batch
 from caig_jax.errors import UserError
@@ -183,7 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     run_config = ml_collections.ConfigDict(config.to_dict())
     total = config.rounds * config.steps_per_round
     run_config.train.steps = total
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)  # local or gs://
     if jax.process_index() == 0:
         write_json_atomic(os.path.join(workdir, "config.json"), run_config.to_dict(), default=list)
     trainer = Trainer(run_config, workdir, mesh, policy, make_loss_fn(config))

@@ -31,7 +31,7 @@ import shutil
 import jax
 import ml_collections
 
-from caig_jax import parallel
+from caig_jax import files, parallel
 from caig_jax.config_checks import Checks, common_checks, layer_checks, market_checks, train_checks
 from caig_jax.config_files import differing_keys
 from caig_jax.errors import MissingPathError
@@ -137,7 +137,7 @@ def train_one(config, workdir: str, data_dir: str, mesh, point_weight: float, so
     training pairs (default `train_source(config, data_dir)`); runs on the same data share one."""
     if source is None:  # first: a wrong dataset name fails before any model is built
         source = train_source(config, data_dir)
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)  # local or gs://
     run_config = ml_collections.ConfigDict(config.to_dict())
     run_config.loss.point_weight = point_weight
     run_config.data.dir = data_dir

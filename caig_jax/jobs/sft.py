@@ -22,7 +22,7 @@ import time
 import jax
 import ml_collections
 
-from caig_jax import parallel
+from caig_jax import files, parallel
 from caig_jax.config_checks import Checks, common_checks, layer_checks, market_checks, train_checks
 from caig_jax.convert.export import save_pretrained
 from caig_jax.data.ctr_logs import DataError, read_creative_ranking
@@ -144,7 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.info("mesh: %s", dict(mesh.shape))
     data_dir, market_dir = ensure_data(config, workdir)
     seconds["data"] = time.time() - start
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)  # local or gs://
     run_config = ml_collections.ConfigDict(config.to_dict())
     run_config.data.dir, run_config.data.market_dir = data_dir, market_dir
     if jax.process_index() == 0:
