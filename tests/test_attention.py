@@ -59,14 +59,14 @@ def small_blocks(monkeypatch):
 CASES = ["causal_gqa_left_pad", "no_mask", "cross", "decode_step", "cached_chunk", "query_rows"]
 
 
-def _forward_and_grads(impl, q, k, v, mask):
+def _forward_and_grads(impl, q, k, v, mask, **kw):
     weights = jnp.asarray(np.random.default_rng(1).standard_normal((q.shape[0], q.shape[1], q.shape[2] * q.shape[3])),
                           jnp.float32)
 
     def loss(q, k, v):
-        return jnp.sum(attention.attention(q, k, v, mask, impl=impl) * weights)
+        return jnp.sum(attention.attention(q, k, v, mask, impl=impl, **kw) * weights)
 
-    out = jax.jit(lambda q, k, v: attention.attention(q, k, v, mask, impl=impl))(q, k, v)
+    out = jax.jit(lambda q, k, v: attention.attention(q, k, v, mask, impl=impl, **kw))(q, k, v)
     return out, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
 
@@ -157,3 +157,40 @@ def test_set_attention_reaches_every_attention_layer():
     assert impls == ["chunked", "chunked"]
     with pytest.raises(ValueError, match="resolve"):
         attention.set_attention(model, "auto")
+
+
+def _splash_case(batch, heads, kv_heads, length=128, head_dim=8):
+    """Causal, GQA and left padding (example 1's first 23 keys are padding, so its first rows see no key), at one
+    128-position splash tile."""
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((batch, length, kv_heads, head_dim)), jnp.float32) for _ in range(2))
+    valid = np.ones((batch, length), bool)
+    valid[1, :23] = False
+    valid[-1, :70] = False
+    return q, k, v, attention.causal_mask(length, jnp.asarray(valid))
+
+
+@pytest.mark.parametrize("mesh_shape, heads, kv_heads", [
+    ({"fsdp": 4, "tensor": 2}, 4, 2),  # examples over fsdp, query and key heads over tensor
+    ({"data": 2, "fsdp": 2, "tensor": 2}, 4, 1),  # one key head for 2 tensor shards: repeated to 4, then split
+    ({"fsdp": 2, "tensor": 4}, 2, 2),  # 2 heads on 4 tensor shards: heads stay whole, examples still split
+])
+def test_splash_under_shard_map_matches_xla(devices, monkeypatch, mesh_shape, heads, kv_heads):
+    """Splash on a sharded mesh runs once per device under `shard_map` (Pallas interpreter on the 8 CPU devices) and
+    gives xla's outputs and gradients."""
+    import functools
+
+    from caig_jax import parallel
+
+    monkeypatch.setattr(attention, "_splash", functools.partial(attention._splash, interpret=True))
+    mesh = parallel.make_mesh(mesh_shape)
+    q, k, v, mask = _splash_case(4, heads, kv_heads)
+    spec = attention._splash_specs(mesh, q, k, v)
+    assert spec[0][0] is not None  # the examples are split in every case
+    want, want_grads = _forward_and_grads("xla", q, k, v, mask)
+    with jax.set_mesh(mesh):
+        got, got_grads = _forward_and_grads("splash", q, k, v, mask, mesh=mesh)
+    assert _rel(got, want) < TOL
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        assert _rel(g, w) < TOL, name
