@@ -1,6 +1,7 @@
 """Every attention implementation against `xla` (float32, < 1e-4 relative max error, forward and gradients): causal
 with left padding and GQA, no mask, cross-attention, a KV-cache decode step, a reward head's gathered rows;
-`auto` resolved from a mesh's devices; `set_attention` over a model. The model-level parity tests run with any
+`auto` resolved from a mesh's devices; `set_attention` over a model; splash under `shard_map` on sharded meshes
+(outputs, gradients, and no collective in the compiled program). The model-level parity tests run with any
 implementation via `CAIG_TEST_ATTENTION=<impl>` (conftest)."""
 
 import types
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from caig_jax.models import attention
 from caig_jax.models.attention import Mask
@@ -194,3 +196,38 @@ def test_splash_under_shard_map_matches_xla(devices, monkeypatch, mesh_shape, he
     assert _rel(got, want) < TOL
     for name, g, w in zip("qkv", got_grads, want_grads):
         assert _rel(g, w) < TOL, name
+
+
+def _collectives(hlo: str) -> list[str]:
+    import re
+
+    return re.findall(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
+
+
+def test_sharded_splash_moves_no_data(devices):
+    """On an fsdp x tensor mesh with q, k, v where the rules table puts them (examples over fsdp, heads over tensor),
+    the compiled forward and backward of splash hold no collective: each device runs the kernel on its own block.
+    Left to GSPMD (no mesh given), the same call gathers its operands."""
+    from jax.sharding import NamedSharding
+
+    from caig_jax import parallel
+
+    mesh = parallel.make_mesh({"fsdp": 4, "tensor": 2})
+    q, k, v, mask = _splash_case(4, 4, 2)
+    q_spec, kv_spec, _, _ = attention._splash_specs(mesh, q, k, v)
+    assert (q_spec, kv_spec) == (P(("data", "fsdp"), None, "tensor", None),) * 2  # data: size 1, named (see _splash_specs)
+    q, k, v = (jax.device_put(x, NamedSharding(mesh, s)) for x, s in ((q, q_spec), (k, kv_spec), (v, kv_spec)))
+
+    def compiled(mesh_arg):
+        def run(q, k, v):
+            return attention._splash(q, k, v, mask, 8**-0.5, mesh=mesh_arg, interpret=True)
+
+        def grads(q, k, v):
+            return jax.grad(lambda *a: jnp.sum(run(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+
+        with jax.set_mesh(mesh):
+            return [jax.jit(f).lower(q, k, v).compile().as_text() for f in (run, grads)]
+
+    forward, backward = compiled(mesh)
+    assert _collectives(forward) == [] and _collectives(backward) == []
+    assert "all-gather" in _collectives(compiled(None)[0])
