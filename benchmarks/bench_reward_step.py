@@ -18,7 +18,12 @@ Timed: one full training step, forward, CE + 0.5 * MSE on the heads at the last 
     must run before JAX starts) with the batch sharded over a `data` mesh of that many CPU devices.
   * torch: eager, `torch.set_num_threads(cores)`, `model.model(...)` + the heads, `torch.optim.AdamW`.
 `--attention xla,chunked` (default): each device count runs once per attention implementation.
-Sanity column: the first step's loss on both sides (same weights and batch, so they agree to float32 rounding).
+`--xla-flags 'A;B'`: also once per XLA_FLAGS string (`;`-separated, empty = none; e.g.
+`--xla-flags ';--xla_cpu_use_xnnpack=true'`), and `--rounds N` repeats the whole set of runs N times interleaved, so
+variants compare within one run on a shared machine. "CPU s / step" is the child process's user + system time over
+the timed steps divided by their number (what the load average moves least).
+Sanity columns: ours' loss after the last step (variants of ours must agree), and the first step's loss on both
+sides (same weights and batch, so they agree to float32 rounding).
 The machine may be shared: the load average before and after is printed.
 """
 
@@ -142,13 +147,18 @@ def time_torch(model, heads, batch, steps: int) -> dict:
 
 
 class _FixedBatches:
-    """The trainer's data iterator protocol, always the same batch; records when each batch is asked for."""
+    """The trainer's data iterator protocol, always the same batch; records when each batch is asked for (wall
+    and this process's CPU seconds)."""
 
     def __init__(self, batch):
-        self.batch, self.times = batch, []
+        self.batch, self.times, self.cpu = batch, [], []
 
     def __next__(self):
+        import resource
+
         self.times.append(time.perf_counter())
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu.append(usage.ru_utime + usage.ru_stime)
         return self.batch
 
     def get_state(self):
@@ -192,11 +202,13 @@ def time_ours(folder: str, devices: int, steps: int, attention: str) -> dict:
     data = _FixedBatches(batch)
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(config, workdir, mesh, model, loss_fn)
-        trainer.train(data)
+        last = trainer.train(data).metrics
         trainer.close()
     intervals = np.diff(data.times)[WARMUP:]
-    return {"step_s": float(np.median(intervals)), "first_loss": first_loss, "devices": jax.device_count(),
-            "attention": attention_lib.resolve(attention, mesh.devices.flat)}
+    cpu_s = (data.cpu[-1] - data.cpu[WARMUP]) / (len(data.cpu) - 1 - WARMUP)
+    return {"step_s": float(np.median(intervals)), "cpu_s": cpu_s, "first_loss": first_loss,
+            "last_loss": float(last["loss"]),
+            "devices": jax.device_count(), "attention": attention_lib.resolve(attention, mesh.devices.flat)}
 
 
 def main() -> None:
@@ -205,6 +217,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--json", default="")
     parser.add_argument("--attention", default="xla,chunked", help="our attention implementations, comma-separated")
+    parser.add_argument("--xla-flags", default="", help="XLA_FLAGS variants for ours, ';'-separated ('' = none)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat all of ours' runs this many times, interleaved")
+    parser.add_argument("--no-torch", action="store_true", help="ours only (variants against each other)")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -216,27 +231,39 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         model, heads, batch = build(folder)
-        runs = [(int(n), impl) for n in args.devices.split(",") for impl in args.attention.split(",")]
-        for n, impl in runs:
-            env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", str(n), "--folder", folder,
-                                  "--steps", str(args.steps), "--attention", impl], capture_output=True, text=True,
-                                 cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"})
-            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if out.returncode != 0 or line is None:
-                raise RuntimeError(f"ours with {n} CPU devices failed:\n{out.stderr[-3000:]}")
-            result = json.loads(line[7:])
-            rows.append({"framework": f"caig_jax, {n} CPU device{'s' if n > 1 else ''}, {result['attention']}",
-                         **result})
-        rows.append({"framework": "transformers (PyTorch eager)", **time_torch(model, heads, batch, args.steps)})
-    torch_s = rows[-1]["step_s"]
+        runs = [(int(n), impl, flags) for n in args.devices.split(",") for impl in args.attention.split(",")
+                for flags in args.xla_flags.split(";")]
+        results: dict = {}
+        for _ in range(args.rounds):
+            for n, impl, flags in runs:
+                env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+                if flags:
+                    env["XLA_FLAGS"] = flags
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", str(n), "--folder",
+                                      folder, "--steps", str(args.steps), "--attention", impl], capture_output=True,
+                                     text=True, cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"})
+                line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if out.returncode != 0 or line is None:
+                    raise RuntimeError(f"ours with {n} CPU devices, XLA_FLAGS={flags!r} failed:\n{out.stderr[-3000:]}")
+                results.setdefault((n, impl, flags), []).append(json.loads(line[7:]))
+        for (n, impl, flags), rounds in results.items():
+            name = f"caig_jax, {n} CPU device{'s' if n > 1 else ''}, {rounds[0]['attention']}"
+            rows.append({"framework": name + (f", `{flags}`" if flags else ""), **rounds[0],
+                         "step_s": statistics.median(r["step_s"] for r in rounds),
+                         "cpu_s": statistics.median(r["cpu_s"] for r in rounds),
+                         "rounds_step_s": [r["step_s"] for r in rounds]})
+        if not args.no_torch:
+            rows.append({"framework": "transformers (PyTorch eager)", "cpu_s": float("nan"),
+                         **time_torch(model, heads, batch, args.steps)})
+    base_s = rows[-1]["step_s"] if not args.no_torch else rows[0]["step_s"]
+    base = "torch" if not args.no_torch else "first row"
     print(f"\nTiny reward training step, batch {BATCH} x {MAX_LEN} positions, {os.cpu_count()} cores, "
-          f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}\n")
-    print("| framework | s / step | examples / s | torch s / ours s | first loss |")
-    print("| --- | --- | --- | --- | --- |")
+          f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}, medians of {args.rounds} round(s)\n")
+    print(f"| framework | s / step | CPU s / step | examples / s | {base} s / this s | first loss | last loss |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['framework']} | {r['step_s']:.3f} | {BATCH / r['step_s']:.0f} | {torch_s / r['step_s']:.2f}x "
-              f"| {r['first_loss']:.5f} |")
+        print(f"| {r['framework']} | {r['step_s']:.3f} | {r['cpu_s']:.3f} | {BATCH / r['step_s']:.0f} | "
+              f"{base_s / r['step_s']:.2f}x | {r['first_loss']:.7f} | {r.get('last_loss', float('nan')):.7f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

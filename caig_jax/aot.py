@@ -191,7 +191,7 @@ def sft_program(config, mesh: Mesh) -> Program:
         return model
 
     graphdef, state = parallel.abstract_with_shardings(make, mesh)
-    model = nnx.merge(graphdef, state)
+    model = attention_lib.configure(nnx.merge(graphdef, state), config.model.get("attention", "auto"), mesh, dtype)
     accum = config.train.grad_accum_steps
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(config, workdir, mesh, model, make_sft_loss(accum))

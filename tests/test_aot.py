@@ -121,6 +121,27 @@ def test_inference_presets_default_to_bf16_and_a_mesh_that_fits():
     assert generate.render.dtype == "bfloat16" and generate.aot_model == "7b"
 
 
+_SPLASH_FOR_TPU = """
+import re, jax, jax.numpy as jnp
+from jax.sharding import NamedSharding
+from caig_jax import aot, parallel
+from caig_jax.models import attention
+mesh = aot.topology_mesh(aot.topology_devices("v5e:2x2"), {"fsdp": 2, "tensor": 2})
+def spec(shape, axes, dtype=jnp.bfloat16):
+    sharding = NamedSharding(mesh, parallel.logical_to_mesh_spec(axes, mesh, shape=shape))
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+q, k = spec((4, 256, 4, 128), ("batch", None, "heads", None)), spec((4, 256, 2, 128), ("batch", None, "kv_heads", None))
+valid = spec((4, 256), ("batch", None), jnp.bool_)
+def grads(q, k, v, valid):
+    out = lambda q, k, v: attention.attention(q, k, v, attention.causal_mask(256, valid), impl="splash", mesh=mesh)
+    return jax.grad(lambda *a: jnp.sum(out(*a).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+with jax.set_mesh(mesh):
+    text = jax.jit(grads).lower(q, k, k, valid).compile().as_text()
+print("kernel" if "tpu_custom_call" in text else "no kernel",
+      re.findall(r"\\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\\(", text))
+"""
+
+
 @pytest.mark.slow
 @needs_libtpu
 def test_tiny_render_and_generate_compile_for_a_v5e_slice():
@@ -134,3 +155,17 @@ def test_tiny_render_and_generate_compile_for_a_v5e_slice():
                     "--config.attention=xla")
     assert generate.returncode == 0, generate.stderr[-3000:]
     assert "memory-bandwidth lower bound" in generate.stdout and "fits" in generate.stdout
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_splash_compiles_for_a_tpu_mesh_without_collectives():
+    """libtpu refuses a Pallas kernel that GSPMD would have to partition ("Mosaic kernels cannot be automatically
+    partitioned"); under shard_map, splash's forward and backward (causal, GQA, key padding) compile for an
+    fsdp x tensor TPU mesh with the kernel in and no collective around it."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (LIBTPU, REPO) if p), TPU_SKIP_MDS_QUERY="1")
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-c", _SPLASH_FOR_TPU], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "kernel []"

@@ -1,6 +1,7 @@
 """Every attention implementation against `xla` (float32, < 1e-4 relative max error, forward and gradients): causal
 with left padding and GQA, no mask, cross-attention, a KV-cache decode step, a reward head's gathered rows;
-`auto` resolved from a mesh's devices; `set_attention` over a model. The model-level parity tests run with any
+`auto` resolved from a mesh's devices; `set_attention` over a model; splash under `shard_map` on sharded meshes
+(outputs, gradients, and no collective in the compiled program). The model-level parity tests run with any
 implementation via `CAIG_TEST_ATTENTION=<impl>` (conftest)."""
 
 import types
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from caig_jax.models import attention
 from caig_jax.models.attention import Mask
@@ -59,14 +61,14 @@ def small_blocks(monkeypatch):
 CASES = ["causal_gqa_left_pad", "no_mask", "cross", "decode_step", "cached_chunk", "query_rows"]
 
 
-def _forward_and_grads(impl, q, k, v, mask):
+def _forward_and_grads(impl, q, k, v, mask, **kw):
     weights = jnp.asarray(np.random.default_rng(1).standard_normal((q.shape[0], q.shape[1], q.shape[2] * q.shape[3])),
                           jnp.float32)
 
     def loss(q, k, v):
-        return jnp.sum(attention.attention(q, k, v, mask, impl=impl) * weights)
+        return jnp.sum(attention.attention(q, k, v, mask, impl=impl, **kw) * weights)
 
-    out = jax.jit(lambda q, k, v: attention.attention(q, k, v, mask, impl=impl))(q, k, v)
+    out = jax.jit(lambda q, k, v: attention.attention(q, k, v, mask, impl=impl, **kw))(q, k, v)
     return out, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
 
@@ -157,3 +159,118 @@ def test_set_attention_reaches_every_attention_layer():
     assert impls == ["chunked", "chunked"]
     with pytest.raises(ValueError, match="resolve"):
         attention.set_attention(model, "auto")
+
+
+def _splash_case(batch, heads, kv_heads, length=128, head_dim=8):
+    """Causal, GQA and left padding (example 1's first 23 keys are padding, so its first rows see no key), at one
+    128-position splash tile."""
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((batch, length, kv_heads, head_dim)), jnp.float32) for _ in range(2))
+    valid = np.ones((batch, length), bool)
+    valid[1, :23] = False
+    valid[-1, :70] = False
+    return q, k, v, attention.causal_mask(length, jnp.asarray(valid))
+
+
+@pytest.mark.parametrize("mesh_shape, heads, kv_heads", [
+    ({"fsdp": 4, "tensor": 2}, 4, 2),  # examples over fsdp, query and key heads over tensor
+    ({"data": 2, "fsdp": 2, "tensor": 2}, 4, 1),  # one key head for 2 tensor shards: repeated to 4, then split
+    ({"fsdp": 2, "tensor": 4}, 2, 2),  # 2 heads on 4 tensor shards: heads stay whole, examples still split
+])
+def test_splash_under_shard_map_matches_xla(devices, monkeypatch, mesh_shape, heads, kv_heads):
+    """Splash on a sharded mesh runs once per device under `shard_map` (Pallas interpreter on the 8 CPU devices) and
+    gives xla's outputs and gradients."""
+    import functools
+
+    from caig_jax import parallel
+
+    monkeypatch.setattr(attention, "_splash", functools.partial(attention._splash, interpret=True))
+    mesh = parallel.make_mesh(mesh_shape)
+    q, k, v, mask = _splash_case(4, heads, kv_heads)
+    spec = attention._splash_specs(mesh, q, k, v)
+    assert spec[0][0] is not None  # the examples are split in every case
+    want, want_grads = _forward_and_grads("xla", q, k, v, mask)
+    with jax.set_mesh(mesh):
+        got, got_grads = _forward_and_grads("splash", q, k, v, mask, mesh=mesh)
+    assert _rel(got, want) < TOL
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        assert _rel(g, w) < TOL, name
+
+
+def _collectives(hlo: str) -> list[str]:
+    import re
+
+    return re.findall(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
+
+
+def test_sharded_splash_moves_no_data(devices):
+    """On an fsdp x tensor mesh with q, k, v where the rules table puts them (examples over fsdp, heads over tensor),
+    the compiled forward and backward of splash hold no collective: each device runs the kernel on its own block.
+    Left to GSPMD (no mesh given), the same call gathers its operands."""
+    from jax.sharding import NamedSharding
+
+    from caig_jax import parallel
+
+    mesh = parallel.make_mesh({"fsdp": 4, "tensor": 2})
+    q, k, v, mask = _splash_case(4, 4, 2)
+    q_spec, kv_spec, _, _ = attention._splash_specs(mesh, q, k, v)
+    assert (q_spec, kv_spec) == (P(("data", "fsdp"), None, "tensor", None),) * 2  # data: size 1, named (see _splash_specs)
+    q, k, v = (jax.device_put(x, NamedSharding(mesh, s)) for x, s in ((q, q_spec), (k, kv_spec), (v, kv_spec)))
+
+    def compiled(mesh_arg):
+        def run(q, k, v):
+            return attention._splash(q, k, v, mask, 8**-0.5, mesh=mesh_arg, interpret=True)
+
+        def grads(q, k, v):
+            return jax.grad(lambda *a: jnp.sum(run(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+
+        with jax.set_mesh(mesh):
+            return [jax.jit(f).lower(q, k, v).compile().as_text() for f in (run, grads)]
+
+    forward, backward = compiled(mesh)
+    assert _collectives(forward) == [] and _collectives(backward) == []
+    assert "all-gather" in _collectives(compiled(None)[0])
+
+
+def test_scanned_llama_with_sharded_splash_matches_xla(devices, monkeypatch):
+    """A tiny Llama (GQA, left padding, 128 tokens) born sharded on fsdp x tensor, its layers scanned with full remat:
+    `configure(..., 'splash', mesh)` reaches every layer and the scanned, rematerialised, sharded step gives xla's
+    logits and gradients."""
+    import functools
+
+    from caig_jax import parallel
+    from caig_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(attention, "_splash", functools.partial(attention._splash, interpret=True))
+    kernel_shapes = []  # what the kernel saw on one device: the model's call took the splash path, sharded
+    kernel = attention._splash_local
+    monkeypatch.setattr(attention, "_splash_local", lambda q, *a, **kw: kernel_shapes.append(q.shape) or kernel(q, *a, **kw))
+    mesh = parallel.make_mesh({"fsdp": 4, "tensor": 2})
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, remat_policy="full", scan_layers=True)
+    model = parallel.sharded_init(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)), mesh)
+    rng = np.random.default_rng(3)
+    ids = jnp.asarray(rng.integers(1, 64, (4, 128)), jnp.int32)
+    padding = jnp.asarray(np.arange(128)[None] >= np.asarray([[0], [23], [0], [70]]), jnp.int32)  # left padding
+
+    def logits_and_grads(impl):
+        attention.configure(model, impl, mesh)
+        graphdef, params = nnx.split(model)
+
+        def loss(params):
+            logits = nnx.merge(graphdef, params)(ids, padding)
+            return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * padding), logits
+
+        with jax.set_mesh(mesh):
+            (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return logits, jax.tree.leaves(grads)
+
+    want, want_grads = logits_and_grads("xla")
+    got, got_grads = logits_and_grads("splash")
+    assert set(kernel_shapes) == {(1, 128, 2, 8)}  # [B / fsdp, T, H / tensor, Dh]
+    meshes = {m.attention_mesh for _, m in nnx.iter_modules(model) if hasattr(m, "attention_impl")}
+    assert meshes == {mesh}
+    assert _rel(got, want) < TOL
+    for g, w in zip(got_grads, want_grads):
+        assert _rel(g, w) < TOL

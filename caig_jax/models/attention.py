@@ -13,7 +13,9 @@ Implementations (`impl`), all with float32 scores and softmax whatever the compu
     over the key blocks, key blocks a query block cannot see (causal) skipped, and a custom VJP that recomputes
     each block's probabilities from the saved log-sum-exp instead of storing `[B, H, T, S]`.
   * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` (GPU flash attention; fp16/bf16 only).
-  * `splash`: JAX's Pallas splash attention kernel for TPU (`interpret=True` runs it on CPU in tests).
+  * `splash`: JAX's Pallas splash attention kernel for TPU (`interpret=True` runs it on CPU in tests). On a mesh
+    of more than one device it runs under `jax.shard_map` (examples over the batch axes, heads over `tensor`): a
+    Pallas kernel is an opaque custom call that GSPMD cannot partition (libtpu refuses to compile it unwrapped).
 `auto` is resolved by `resolve(name, devices, dtype)` from the devices of the mesh a program is compiled for,
 never from the host's default backend, so an ahead-of-time compile for a TPU topology on a CPU host gets TPU
 kernels.
@@ -32,6 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from caig_jax import parallel
 
 IMPLEMENTATIONS = ("xla", "chunked", "splash", "cudnn")
 CHOICES = IMPLEMENTATIONS + ("auto",)
@@ -110,30 +115,33 @@ def resolve(name: str, devices: Sequence[jax.Device], dtype=jnp.float32) -> str:
     return "chunked"
 
 
-def set_attention(model: nnx.Module, impl: str) -> nnx.Module:
+def set_attention(model: nnx.Module, impl: str, mesh: Mesh | None = None) -> nnx.Module:
     """Sets every attention layer of `model` (LLM, CLIP tower, UNet, ControlNet, VAE) to `impl`, a concrete
-    implementation (`resolve` turns `auto` into one first). Split the model into graphdef and state after this:
-    the choice is part of the graphdef, so a jitted step traces the implementation it names."""
+    implementation (`resolve` turns `auto` into one first), on `mesh` (the mesh the model's programs are compiled
+    for; `splash` runs under `shard_map` over it, the other implementations ignore it). Split the model into
+    graphdef and state after this: both are part of the graphdef, so a jitted step traces what they name."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"set_attention: {impl!r} is not one of {', '.join(IMPLEMENTATIONS)} (resolve 'auto' first)")
     for _, module in nnx.iter_modules(model):
         if hasattr(module, "attention_impl"):
             module.attention_impl = impl
+            module.attention_mesh = mesh
     return model
 
 
-def configure(model: nnx.Module, name: str, mesh: jax.sharding.Mesh | None, dtype=jnp.float32) -> nnx.Module:
-    """`set_attention(model, resolve(name, ...))` for a model that runs on `mesh` (None: the default device) in
-    compute dtype `dtype`: what the jobs call with their `attention` setting."""
+def configure(model: nnx.Module, name: str, mesh: Mesh | None, dtype=jnp.float32) -> nnx.Module:
+    """`set_attention(model, resolve(name, ...), mesh)` for a model that runs on `mesh` (None: the default device)
+    in compute dtype `dtype`: what the jobs call with their `attention` setting."""
     devices = jax.devices()[:1] if mesh is None else list(mesh.devices.flat)
-    return set_attention(model, resolve(name, devices, dtype))
+    return set_attention(model, resolve(name, devices, dtype), mesh)
 
 
 def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask | None = None, *, impl: str = "xla",
-    scale: float | None = None,
+    scale: float | None = None, mesh: Mesh | None = None,
 ) -> jax.Array:
-    """Softmax attention, q `[B, T, H, Dh]`, k, v `[B, S, KVH, Dh]` -> `[B, T, H * Dh]` in q's dtype."""
+    """Softmax attention, q `[B, T, H, Dh]`, k, v `[B, S, KVH, Dh]` -> `[B, T, H * Dh]` in q's dtype. `mesh`: the
+    mesh the program runs on (`splash` partitions its kernel over it; see `_splash`)."""
     batch, q_len, heads, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else float(scale)
     mask = Mask() if mask is None else mask
@@ -148,7 +156,7 @@ def attention(
     if impl == "cudnn":
         return _cudnn(q, k, v, mask, scale)
     if impl == "splash":
-        return _splash(q, k, v, mask, scale)
+        return _splash(q, k, v, mask, scale, mesh=mesh)
     raise ValueError(f"attention impl {impl!r}: expected one of {', '.join(IMPLEMENTATIONS)} ('auto' is resolved "
                      f"before tracing, see `resolve`)")
 
@@ -391,25 +399,78 @@ def _blind_rows_mean(out, v, mask: Mask):
     return jnp.where(sees[:, :, None, None], out, mean_v[:, None].astype(out.dtype))
 
 
-def _splash(q, k, v, mask, scale, *, interpret: bool = False):
+def _splash(q, k, v, mask, scale, *, mesh: Mesh | None = None, interpret: bool = False):
     """Pallas splash attention (TPU; `interpret=True` runs the same kernel on CPU). A causal rule with positions
     shared by the batch and T == S means queries at slots 0..T-1 in every caller (`causal_mask`, the LLM's
-    cache-free passes); it maps to splash's
-    static causal block mask, so fully masked blocks are skipped; key padding goes in as segment ids (padding keys
-    in segment 0, every query in segment 1). What splash cannot express or tile (a KV cache's offset queries, a
-    reward head's gathered rows, lengths that are not multiples of its 128-wide blocks) runs the `xla` form."""
+    cache-free passes); it maps to splash's static causal block mask, so fully masked blocks are skipped; key
+    padding goes in as segment ids (padding keys in segment 0, every query in segment 1). What splash cannot express
+    or tile (a KV cache's offset queries, a reward head's gathered rows, lengths that are not multiples of its
+    128-wide blocks) runs the `xla` form.
+
+    On a `mesh` of more than one device the kernel runs under `jax.shard_map`, once per device on its block of
+    examples and heads (`_splash_specs`), with no communication: GSPMD cannot partition a Pallas custom call (libtpu
+    rejects it: "Mosaic kernels cannot be automatically partitioned"), and gathering q, k, v whole onto every chip
+    would cost the memory the mesh is there to split."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_len = k.shape[1]
+    causal = mask.q_positions is not None
+    if (causal and (q_len != kv_len or mask.q_positions.ndim != 1)) or q_len % 128 or kv_len % 128:
+        return _xla(q, k, v, mask.dense(batch, q_len, kv_len), scale)
+    local = functools.partial(_splash_local, scale=scale, interpret=interpret)
+    if mesh is None or mesh.size == 1:
+        return local(q, k, v, mask)
+    q_spec, kv_spec, k, v = _splash_specs(mesh, q, k, v)
+    mask_spec = Mask(q_positions=P(), kv_valid=P(q_spec[0], None))  # positions: shared by the batch
+    # check_vma=False: the Pallas TPU kernel's primitives carry no varying-manual-axes rules; the specs say which
+    # axes each operand varies over, and the output varies over exactly those of q.
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_spec),
+                            out_specs=P(q_spec[0], None, q_spec[2]), check_vma=False)
+    return sharded(q, k, v, mask)
+
+
+def _splash_specs(mesh: Mesh, q, k, v):
+    """(q spec, k/v spec, k, v) for running splash under `shard_map` on `mesh`.
+
+    Examples split over the batch axes and heads over the heads axis of the rules table
+    (`parallel.LOGICAL_AXIS_RULES`: `batch` -> `data`, `fsdp`; `heads`, `kv_heads` -> `tensor`), where the
+    activations around the call already are; the sequence is not split (the kernel's mask is static over the whole
+    length). A dimension that does not divide by its axes' size stays whole on them (the rules table does the same;
+    every shard then computes it). Axes of size 1 are named in the specs too: an axis a spec leaves out gets a psum
+    of the gradient in shard_map's transpose (an empty one, but a collective in the program).
+
+    Query head h reads key head h // G; contiguous blocks of H / t query heads and KVH / t key heads keep that
+    pairing inside each tensor shard. When the query heads divide by the tensor size but the key heads do not
+    (fewer KV heads than tensor shards), k and v are repeated to one head per query head (what GQA means; each
+    shard then holds H / t of them, as a sharded multi-head layer would) so that the heads still split; their
+    gradients are summed back over the tensor shards by the repeat's transpose."""
+    rules = dict(parallel.LOGICAL_AXIS_RULES)
+
+    def axes(logical: str, size: int) -> tuple[str, ...] | None:
+        named = rules[logical]
+        named = tuple(a for a in ((named,) if isinstance(named, str) else named) if a in mesh.shape)
+        if size % math.prod(mesh.shape[a] for a in named):
+            named = tuple(a for a in named if mesh.shape[a] == 1)
+        return named or None
+
+    batch, heads, kv_heads = axes("batch", q.shape[0]), axes("heads", q.shape[2]), axes("kv_heads", k.shape[2])
+    if heads != kv_heads:
+        if heads is not None and any(mesh.shape[a] > 1 for a in heads):
+            k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
+        kv_heads = heads
+    return P(batch, None, heads, None), P(batch, None, kv_heads, None), k, v
+
+
+def _splash_local(q, k, v, mask, *, scale, interpret):
+    """The splash kernel on one device's operands: q `[b, T, h, Dh]`, k, v `[b, S, kvh, Dh]` -> `[b, T, h * Dh]`."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
-    causal = mask.q_positions is not None
-    if (causal and (q_len != kv_len or mask.q_positions.ndim != 1)) or q_len % 128 or kv_len % 128:
-        return _xla(q, k, v, mask.dense(batch, q_len, kv_len), scale)
     groups = heads // kv_heads
-    base = splash_mask.CausalMask((q_len, kv_len)) if causal else splash_mask.FullMask((q_len, kv_len))
-    kernel = splash.make_splash_mqa_single_device(
-        splash_mask.MultiHeadMask([base] * groups), interpret=interpret)
+    base = splash_mask.CausalMask((q_len, kv_len)) if mask.q_positions is not None else splash_mask.FullMask(
+        (q_len, kv_len))
+    kernel = splash.make_splash_mqa_single_device(splash_mask.MultiHeadMask([base] * groups), interpret=interpret)
     valid = jnp.ones((batch, kv_len), jnp.int32) if mask.kv_valid is None else mask.kv_valid.astype(jnp.int32)
     segments = splash.SegmentIds(q=jnp.ones((batch, q_len), jnp.int32), kv=valid)
     # [B, KVH, G, T, Dh] queries against [B, KVH, S, Dh] keys: the MQA kernel per (example, key head).

@@ -137,12 +137,13 @@ class CLIPAttention(nnx.Module):
         self.q_proj = layers.linear(width, width, (width_axis, "heads"), **kw)
         self.out_proj = layers.linear(width, width, ("heads", width_axis), **kw)
         self.attention_impl = "xla"  # `attention.set_attention` picks another implementation
+        self.attention_mesh = None  # and the mesh it runs on (splash partitions over it)
 
     def __call__(self, x: jax.Array, mask: attention.Mask | None) -> jax.Array:
         batch, length, _ = x.shape
         shape = (batch, length, self.num_heads, self.head_dim)
         q, k, v = self.q_proj(x).reshape(shape), self.k_proj(x).reshape(shape), self.v_proj(x).reshape(shape)
-        return self.out_proj(attention.attention(q, k, v, mask, impl=self.attention_impl))
+        return self.out_proj(attention.attention(q, k, v, mask, impl=self.attention_impl, mesh=self.attention_mesh))
 
 
 class CLIPMLP(nnx.Module):

@@ -234,6 +234,7 @@ class Attention(nnx.Module):
         self.residual_connection = residual_connection
         self.rescale_output_factor = rescale_output_factor
         self.attention_impl = "xla"  # `attention.set_attention` picks another implementation
+        self.attention_mesh = None  # and the mesh it runs on (splash partitions over it)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         residual = x
@@ -245,7 +246,7 @@ class Attention(nnx.Module):
         q = self.to_q(x).reshape(b, t, self.heads, self.dim_head)
         k = self.to_k(context).reshape(b, s, self.heads, self.dim_head)
         v = self.to_v(context).reshape(b, s, self.heads, self.dim_head)
-        out = attention.attention(q, k, v, impl=self.attention_impl)
+        out = attention.attention(q, k, v, impl=self.attention_impl, mesh=self.attention_mesh)
         out = self.to_out(out)
         if self.residual_connection:
             out = out + residual

@@ -213,6 +213,7 @@ class LlamaAttention(nnx.Module):
         self.v_proj = layers.linear(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"), **kw)
         self.o_proj = layers.linear(c.num_attention_heads * c.head_dim, c.hidden_size, ("heads", "embed"), **kw)
         self.attention_impl = "xla"  # `attention.set_attention` picks another implementation
+        self.attention_mesh = None  # and the mesh it runs on (splash partitions over it)
 
     def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None, query_index=None):
         """x `[B, T, D]`; returns (`[B, T, D]`, updated `(k, v)` cache or None).
@@ -234,7 +235,7 @@ class LlamaAttention(nnx.Module):
             v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
             kv_cache = (k_cache, v_cache)
             k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-        out = attention.attention(q, k, v, mask, impl=self.attention_impl)
+        out = attention.attention(q, k, v, mask, impl=self.attention_impl, mesh=self.attention_mesh)
         return self.o_proj(out), kv_cache
 
 
