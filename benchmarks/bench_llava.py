@@ -281,7 +281,6 @@ def main(argv=None) -> None:
     os.environ["XLA_FLAGS"] = flags.strip()
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import torch
     import transformers
 

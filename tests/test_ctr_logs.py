@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from tests._data_fixtures import colour, write_caig_json, write_logs
+from tests._data_fixtures import write_caig_json, write_logs
 
 from caig_jax.data import ctr_logs as logs_lib
 from caig_jax.data import loader

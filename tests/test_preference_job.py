@@ -128,6 +128,27 @@ def test_sigterm_mid_round_resumes_to_the_same_parameters(uninterrupted, trained
     assert ours == ref
 
 
+def test_world_gives_the_prompt_model_the_image_it_saw_in_sft(trained):
+    """The rounds, the demo's evaluation and the generate job ask the PM about the product image exactly as the SFT
+    conversations showed it: the cut-out over white (converted plainly to RGB, it had been on black). The generate
+    job reads product images with the same `ctr_logs.load_rgb`."""
+    from caig_jax import parallel
+    from caig_jax.data.sft_inputs import decode_image, read_conversations
+    from caig_jax.eval.sft import PROMPT_FAMILY
+
+    data_dir, _, _ = trained
+    mesh = parallel.make_mesh({"data": 1}, devices=jax_devices()[:1])
+    market = prompt_models.World(_config(trained).render, os.path.join(os.path.dirname(data_dir), "market"), mesh)
+    seen = {}
+    for record in read_conversations(data_dir, "test", None):
+        if record.family == PROMPT_FAMILY and record.product not in seen:  # (other families show ads)
+            seen[record.product] = decode_image(record.image)
+    assert len(seen) >= 8
+    for pid, image in seen.items():
+        np.testing.assert_array_equal(market.pm_image(pid), image)
+    assert (market.pm_image(pid)[0, 0] == 255).all()  # the corner is background: white
+
+
 def test_sd_renderer_world_inpaints_around_the_product(trained, tmp_path):
     """render.kind='sd': ads from the JAX SD + ControlNet renderer (tiny random weights), scored by the truth."""
     from caig_jax import parallel

@@ -512,7 +512,10 @@ def test_llava_inputs_tokenise_each_conversation_once(tokenizer, images):
     from transformers import LlavaNextConfig
 
     config = LlavaNextConfig(image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-    make = lambda: pr.LlavaInputs(tokenizer, ip.ImageProcessor(ip.ImageProcessorConfig(kind="llava_next")), config)
+
+    def make():
+        return pr.LlavaInputs(tokenizer, ip.ImageProcessor(ip.ImageProcessorConfig(kind="llava_next")), config)
+
     judge = [{"role": "user", "content": "<image>\nJudge whether the left or the right picture is more attractive."}]
     pics = [images["rm_pair_512x1024"], images["rm_pair_512x1024"], images["scene_tall_1800x560"]]
     convs = [judge, judge, [{"role": "user", "content": "Describe the background."}]]

@@ -432,9 +432,9 @@ def paint_background(prompt: str, size: int = 512, seed: int = 0) -> np.ndarray:
     # Lighting.
     light = Lighting()
     for name in p.lighting:
-        l = LIGHTING[name]
-        light = Lighting(light.brightness + l.brightness, light.temperature + l.temperature,
-                         light.contrast * l.contrast, max(light.vignette, l.vignette), light.glow or l.glow)
+        add = LIGHTING[name]
+        light = Lighting(light.brightness + add.brightness, light.temperature + add.temperature,
+                         light.contrast * add.contrast, max(light.vignette, add.vignette), light.glow or add.glow)
     if light.contrast != 1.0:
         mean = img.mean(axis=(0, 1), keepdims=True)
         img = (img - mean) * light.contrast + mean

@@ -21,9 +21,9 @@ import numpy as np
 import caig_jax.render as render
 from caig_jax.data import market as market_lib
 from caig_jax.data import world
+from caig_jax.data.ctr_logs import load_rgb
 from caig_jax.data.preference_inputs import instruction
 from caig_jax.data.reward_inputs import build_inputs as build_rm_inputs
-from caig_jax.data.sft_inputs import decode_image
 from caig_jax.errors import UserError
 from caig_jax.eval.intervals import product_bootstrap
 from caig_jax.eval.sft import MarketTruth
@@ -81,10 +81,10 @@ class World:
         return ids
 
     def pm_image(self, pid: str) -> np.ndarray:
-        """The product image as the PM saw it in SFT (the cut-out PNG decoded to RGB)."""
+        """The product image as the PM saw it in SFT: the cut-out composited over white by the function the
+        conversation dataset's builder reads it with (plain RGB conversion had put it on black)."""
         if pid not in self._images:
-            with open(self.truth.image_paths[pid], "rb") as f:
-                self._images[pid] = decode_image(f.read())
+            self._images[pid] = load_rgb(self.truth.image_paths[pid])
         return self._images[pid]
 
     def cutout(self, pid: str) -> np.ndarray:

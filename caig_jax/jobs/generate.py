@@ -28,8 +28,9 @@ from tqdm import tqdm
 from caig_jax import parallel
 from caig_jax.config_checks import Checks, common_checks
 from caig_jax.data import product as product_lib
+from caig_jax.data.ctr_logs import load_rgb
 from caig_jax.data.preference_inputs import instruction
-from caig_jax.data.sft_inputs import TEMPLATES, decode_image
+from caig_jax.data.sft_inputs import TEMPLATES
 from caig_jax.errors import MissingPathError, UserError
 from caig_jax.eval.grids import write_grid
 from caig_jax.eval.prompt_models import AdRenderer, Judge, round_robin, tally
@@ -144,8 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                       dtype=config.dtype, param_dtype=config.param_dtype)
     images, conversations = [], []
     for k, p in enumerate(products):
-        with open(p["image_path"], "rb") as f:
-            image = decode_image(f.read())  # the cut-out as the PM saw product images in SFT
+        image = load_rgb(p["image_path"])  # over white, as the conversation dataset gave the PM images in SFT
         images += [image] * config.samples
         conversations += [instruction(p["caption"], k)] * config.samples
     g = config.generation
