@@ -50,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Chosen on val (the rounds' per-round curves; 40 val products, one run each, DPO + PCPO, this world and SFT PM):
     # 3 rounds x 2 samples x 8 steps (the preference preset) 3.25% true CTR after the last round, 4 rounds x 4
     # samples (best vs worst of 6 RM verdicts) x 16 steps 3.36% at learning rate 1e-3 and 3.36% at 3e-3 (noisier
-    # rounds); SFT PM 3.16%.
+    # rounds); SFT PM 3.16%. Those val runs showed the PM its product on black (the image bug fixed since, see the
+    # README): the settings were not re-tuned after the fix.
     c.preference.samples, c.preference.rounds, c.preference.steps_per_round = 4, 4, 16
 
     c.eval = ml_collections.ConfigDict()
