@@ -4,6 +4,8 @@ with left padding and GQA, no mask, cross-attention, a KV-cache decode step, a r
 (outputs, gradients, and no collective in the compiled program). The model-level parity tests run with any
 implementation via `CAIG_TEST_ATTENTION=<impl>` (conftest)."""
 
+import functools
+import re
 import types
 
 import jax
@@ -11,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from caig_jax import parallel
 from caig_jax.models import attention
 from caig_jax.models.attention import Mask
+from caig_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 TOL = 1e-4
 
@@ -58,6 +62,12 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(attention, "BLOCK_K", 8)
 
 
+@pytest.fixture
+def interpreted_splash(monkeypatch):
+    """Splash's Pallas TPU kernel run by the Pallas interpreter, so it runs on the CPU devices."""
+    monkeypatch.setattr(attention, "_splash", functools.partial(attention._splash, interpret=True))
+
+
 CASES = ["causal_gqa_left_pad", "no_mask", "cross", "decode_step", "cached_chunk", "query_rows"]
 
 
@@ -84,12 +94,9 @@ def test_chunked_matches_xla(small_blocks, case):
 
 
 @pytest.mark.parametrize("case", ["causal_gqa_left_pad", "no_mask", "decode_step"])
-def test_splash_in_interpret_mode_matches_xla(monkeypatch, case):
+def test_splash_in_interpret_mode_matches_xla(interpreted_splash, case):
     """The Pallas TPU kernel run by the Pallas interpreter on CPU, at one 128 x 128 block (splash's tile); the
     decode step is the case splash cannot express and hands to `xla`."""
-    import functools
-
-    monkeypatch.setattr(attention, "_splash", functools.partial(attention._splash, interpret=True))
     q, k, v, mask = _case(case)
     if case != "decode_step":  # splash tiles 128 positions: stretch the case to one tile (padding rows kept)
         q, k, v = (jnp.concatenate([x] * 2, axis=1)[:, :128] for x in (q, k, v))
@@ -150,8 +157,6 @@ def test_auto_resolves_from_the_mesh_devices_not_the_host():
 
 
 def test_set_attention_reaches_every_attention_layer():
-    from caig_jax.models.llama import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2)
     model = attention.set_attention(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), "chunked")
@@ -178,14 +183,9 @@ def _splash_case(batch, heads, kv_heads, length=128, head_dim=8):
     ({"data": 2, "fsdp": 2, "tensor": 2}, 4, 1),  # one key head for 2 tensor shards: repeated to 4, then split
     ({"fsdp": 2, "tensor": 4}, 2, 2),  # 2 heads on 4 tensor shards: heads stay whole, examples still split
 ])
-def test_splash_under_shard_map_matches_xla(devices, monkeypatch, mesh_shape, heads, kv_heads):
+def test_splash_under_shard_map_matches_xla(devices, interpreted_splash, mesh_shape, heads, kv_heads):
     """Splash on a sharded mesh runs once per device under `shard_map` (Pallas interpreter on the 8 CPU devices) and
     gives xla's outputs and gradients."""
-    import functools
-
-    from caig_jax import parallel
-
-    monkeypatch.setattr(attention, "_splash", functools.partial(attention._splash, interpret=True))
     mesh = parallel.make_mesh(mesh_shape)
     q, k, v, mask = _splash_case(4, heads, kv_heads)
     spec = attention._splash_specs(mesh, q, k, v)
@@ -199,8 +199,6 @@ def test_splash_under_shard_map_matches_xla(devices, monkeypatch, mesh_shape, he
 
 
 def _collectives(hlo: str) -> list[str]:
-    import re
-
     return re.findall(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
 
 
@@ -208,14 +206,11 @@ def test_sharded_splash_moves_no_data(devices):
     """On an fsdp x tensor mesh with q, k, v where the rules table puts them (examples over fsdp, heads over tensor),
     the compiled forward and backward of splash hold no collective: each device runs the kernel on its own block.
     Left to GSPMD (no mesh given), the same call gathers its operands."""
-    from jax.sharding import NamedSharding
-
-    from caig_jax import parallel
-
     mesh = parallel.make_mesh({"fsdp": 4, "tensor": 2})
     q, k, v, mask = _splash_case(4, 4, 2)
     q_spec, kv_spec, _, _ = attention._splash_specs(mesh, q, k, v)
-    assert (q_spec, kv_spec) == (P(("data", "fsdp"), None, "tensor", None),) * 2  # data: size 1, named (see _splash_specs)
+    # data has size 1 but is named (see _splash_specs)
+    assert (q_spec, kv_spec) == (P(("data", "fsdp"), None, "tensor", None),) * 2
     q, k, v = (jax.device_put(x, NamedSharding(mesh, s)) for x, s in ((q, q_spec), (k, kv_spec), (v, kv_spec)))
 
     def compiled(mesh_arg):
@@ -233,19 +228,14 @@ def test_sharded_splash_moves_no_data(devices):
     assert "all-gather" in _collectives(compiled(None)[0])
 
 
-def test_scanned_llama_with_sharded_splash_matches_xla(devices, monkeypatch):
+def test_scanned_llama_with_sharded_splash_matches_xla(devices, interpreted_splash, monkeypatch):
     """A tiny Llama (GQA, left padding, 128 tokens) born sharded on fsdp x tensor, its layers scanned with full remat:
     `configure(..., 'splash', mesh)` reaches every layer and the scanned, rematerialised, sharded step gives xla's
     logits and gradients."""
-    import functools
-
-    from caig_jax import parallel
-    from caig_jax.models.llama import LlamaConfig, LlamaForCausalLM
-
-    monkeypatch.setattr(attention, "_splash", functools.partial(attention._splash, interpret=True))
     kernel_shapes = []  # what the kernel saw on one device: the model's call took the splash path, sharded
     kernel = attention._splash_local
-    monkeypatch.setattr(attention, "_splash_local", lambda q, *a, **kw: kernel_shapes.append(q.shape) or kernel(q, *a, **kw))
+    monkeypatch.setattr(attention, "_splash_local",
+                        lambda q, *a, **kw: kernel_shapes.append(q.shape) or kernel(q, *a, **kw))
     mesh = parallel.make_mesh({"fsdp": 4, "tensor": 2})
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, remat_policy="full", scan_layers=True)
