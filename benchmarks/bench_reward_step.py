@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -154,8 +155,6 @@ class _FixedBatches:
         self.batch, self.times, self.cpu = batch, [], []
 
     def __next__(self):
-        import resource
-
         self.times.append(time.perf_counter())
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.cpu.append(usage.ru_utime + usage.ru_stime)

@@ -345,8 +345,7 @@ def render_program(config, mesh: Mesh) -> Program:
 
     # One denoising step's networks on the CFG batch, counted by XLA on the unrolled call (no loop in it), with the
     # plain attention: XLA does not look into a Pallas kernel (splash counted the UNet's step as 0 FLOPs).
-    graphdefs = tuple(nnx.split(attention_lib.set_attention(nnx.merge(g, s), "xla", None))[0]
-                      for g, s in zip(graphdefs, states))
+    graphdefs = tuple(nnx.split(attention_lib.set_attention(m, "xla"))[0] for m in modules)
     rows = 2 * b if cfg else b
     x = jax.ShapeDtypeStruct((rows, latent, latent, channels), dtype)
     context = jax.ShapeDtypeStruct((rows, text_len, unet_c.cross_attention_dim), dtype)

@@ -34,8 +34,8 @@ Why the tiny choices (one run each on the 40 val products, so differences of a f
 Presets (`:ARG`):
 - `tiny`: a randomly initialised tiny LLaVA-NeXT (2 decoder layers of width 96, a 2-layer CLIP tower on 32 px
   tiles, one square anyres pinpoint: 36 image tokens per image), every parameter trained from scratch on the
-  1200-product marketplace of the reward job (`configs/market.py:reward`); a word tokenizer built from the training conversations
-  into `<workdir>/tokenizer`; the CPU split into 4 XLA devices (`cpu_devices`).
+  1200-product marketplace of the reward job (`configs/market.py:reward`); a word tokenizer built from the
+  training conversations into `<workdir>/tokenizer`; the CPU split into 4 XLA devices (`cpu_devices`).
 - `7b`: CAIG's setup on LLaVA-v1.6-Vicuna-7B: `--config.model.pretrained=/path/to/llava-v1.6-vicuna-7b`
   (transformers or original-LLaVA layout) and `--config.data.dir=/path/to/tfds` (a `llava_conversations` dataset:
   `caig_jax.data.builders.llava_conversations.build` from LLaVA JSON). LoRA rank 128, alpha 256, dropout 0.05 on
