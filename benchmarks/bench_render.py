@@ -13,7 +13,8 @@ denoising loop the renderer runs at CAIG's settings (Euler-ancestral, CFG, contr
 
 Ours: `--steps` steps as ONE jitted `lax.fori_loop` program (compilation timed separately, excluded); theirs:
 the same Python loop in eager PyTorch under `torch.no_grad()` with diffusers' `EulerAncestralDiscreteScheduler`.
-Seconds per step = median over `--repeats` runs of the whole loop / steps. Each framework and size runs in its own
+Seconds per step = median over `--repeats` runs of the whole loop / steps, after one untimed warm-up run on each
+side. Each framework and size runs in its own
 subprocess, so peak RSS (`ru_maxrss`: weights ~4.9 GB in float32, plus activations and, for JAX, the compiled
 program's buffers) is measured per framework: over the whole process (model building included: ours initialises
 the random weights in one jitted program whose temporaries peak near 8.7 GB for the UNet alone) and over the
@@ -65,6 +66,20 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
 
 
+def _proc_status_gb(field: str) -> float | None:
+    """A memory field of /proc/self/status (`VmRSS`, `VmHWM`) in GB, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":")) / 1024**2
+    except (OSError, StopIteration):
+        return None
+
+
+def rss_gb() -> float | None:
+    """The process's resident memory now (VmRSS), or None off Linux."""
+    return _proc_status_gb("VmRSS")
+
+
 def start_sampling_peak() -> float:
     """Starts the sampling-phase peak (`sampling_peak_gb`) and returns the process's peak RSS so far (GB): hands
     the heap's free pages back to the OS (`malloc_trim`: both frameworks' model building leaves freed memory in
@@ -82,11 +97,7 @@ def start_sampling_peak() -> float:
 
 def sampling_peak_gb() -> float | None:
     """The resident high-water mark (VmHWM) since `start_sampling_peak`, or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024**2
-    except (OSError, StopIteration):
-        return None
+    return _proc_status_gb("VmHWM")
 
 
 def fmt_gb(value: float | None) -> str:
@@ -119,6 +130,7 @@ def run_jax(size: int, steps: int, repeats: int, attention: str) -> dict:
 
     t0 = time.perf_counter()
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    runtime_rss = rss_gb()  # the framework and the model code imported, the CPU client started, nothing built
     unet = parallel.sharded_init(lambda: UNet2DConditionModel(SD15_UNET_CONFIG, rngs=nnx.Rngs(0)), mesh)
     controlnet = parallel.sharded_init(lambda: ControlNetModel(sd15_controlnet_config(), rngs=nnx.Rngs(1)), mesh)
     for module in (unet, controlnet):  # before the split: the implementation is part of the graphdef
@@ -163,6 +175,9 @@ def run_jax(size: int, steps: int, repeats: int, attention: str) -> dict:
     compile_s = time.perf_counter() - t0
     building_peak = start_sampling_peak()
     times, loads = [], [load()]
+    # Warm-up, as torch gets: the first run of a program pays for its first-touch page faults (malloc_trim above
+    # has just handed the heap's free pages back), which a --repeats 1 timing would otherwise count for ours only.
+    compiled(unet_state, cn_state, x, context, control, key).block_until_ready()
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = compiled(unet_state, cn_state, x, context, control, key)
@@ -170,9 +185,11 @@ def run_jax(size: int, steps: int, repeats: int, attention: str) -> dict:
         times.append(time.perf_counter() - t0)
     loads.append(load())
     finite = bool(np.isfinite(np.asarray(out)).all())
-    return dict(framework=f"caig_jax (jit, attention={attention_lib.resolve(attention, mesh.devices.flat)})", size=size, params_m=params / 1e6, build_s=build_s, compile_s=compile_s,
-                s_per_step=statistics.median(times) / steps, runs_s=times, peak_rss_gb=max(building_peak, peak_rss_gb()),
-                sampling_peak_gb=sampling_peak_gb(), load=loads, finite=finite)
+    return dict(framework=f"caig_jax (jit, attention={attention_lib.resolve(attention, mesh.devices.flat)})",
+                size=size, params_m=params / 1e6, build_s=build_s, compile_s=compile_s,
+                s_per_step=statistics.median(times) / steps, runs_s=times,
+                peak_rss_gb=max(building_peak, peak_rss_gb()), sampling_peak_gb=sampling_peak_gb(),
+                runtime_rss_gb=runtime_rss, load=loads, finite=finite)
 
 
 def run_torch(size: int, steps: int, repeats: int) -> dict:
@@ -183,6 +200,7 @@ def run_torch(size: int, steps: int, repeats: int) -> dict:
 
     torch.set_num_threads(cores())
     torch.manual_seed(0)
+    runtime_rss = rss_gb()  # the framework and the model code imported, nothing built
     t0 = time.perf_counter()
     unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
     controlnet = ControlNetModel(**sd15_controlnet_config()).eval()
@@ -220,7 +238,8 @@ def run_torch(size: int, steps: int, repeats: int) -> dict:
     loads.append(load())
     return dict(framework="diffusers (torch eager)", size=size, params_m=params / 1e6, build_s=build_s,
                 compile_s=0.0, s_per_step=statistics.median(times) / steps, runs_s=times,
-                peak_rss_gb=max(building_peak, peak_rss_gb()), sampling_peak_gb=sampling_peak_gb(), load=loads, finite=bool(torch.isfinite(out).all()))
+                peak_rss_gb=max(building_peak, peak_rss_gb()), sampling_peak_gb=sampling_peak_gb(),
+                runtime_rss_gb=runtime_rss, load=loads, finite=bool(torch.isfinite(out).all()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,14 +286,15 @@ def main() -> None:
             result = json.loads(lines[-1][len("RESULT "):])
             result["wall_s"] = time.perf_counter() - t0
             results.append(result)
-            print(f"# {result['framework']} @ {size}: {result['s_per_step']:.3f} s/step, peak RSS {result['peak_rss_gb']:.2f} GB "
-                  f"(sampling {fmt_gb(result['sampling_peak_gb'])} GB), "
+            print(f"# {result['framework']} @ {size}: {result['s_per_step']:.3f} s/step, "
+                  f"peak RSS {result['peak_rss_gb']:.2f} GB "
+                  f"(sampling {fmt_gb(result['sampling_peak_gb'])} GB, runtime {fmt_gb(result['runtime_rss_gb'])} GB), "
                   f"load {result['load'][0]} -> {result['load'][1]}", flush=True)
 
     print()
     print("| image | latents | framework | params (M) | compile (s) | s / step (CFG batch 2) | peak RSS (GB) | "
-          "sampling peak RSS (GB) | load avg (1 min) | ratio torch/ours |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "sampling peak RSS (GB) | runtime RSS (GB) | load avg (1 min) | ratio torch/ours |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for size in sorted({r["size"] for r in results}):
         rows = [r for r in results if r["size"] == size]
         theirs = next((r for r in rows if r["framework"].startswith("diffusers")), None)
@@ -285,7 +305,7 @@ def main() -> None:
             loads = f"{r['load'][0].split()[0]} -> {r['load'][1].split()[0]}"
             print(f"| {size}x{size} | {size // 8}x{size // 8} | {r['framework']} | {r['params_m']:.0f} | "
                   f"{r['compile_s']:.1f} | {r['s_per_step']:.3f} | {r['peak_rss_gb']:.2f} | "
-                  f"{fmt_gb(r['sampling_peak_gb'])} | {loads} | {ratio} |")
+                  f"{fmt_gb(r['sampling_peak_gb'])} | {fmt_gb(r['runtime_rss_gb'])} | {loads} | {ratio} |")
     print(f"\n# load average after: {load()}")
     if args.json:
         with open(args.json, "w") as f:
