@@ -8,7 +8,7 @@ import sys
 
 from ml_collections import ConfigDict
 
-from caig_jax.errors import MissingPathError
+from caig_jax.errors import MissingPathError, UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,3 +57,34 @@ def differing_keys(a, b, prefix: str = "") -> set[str]:
             out |= differing_keys(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return set() if a == b else {prefix.rstrip(".")}
+
+
+def added_keys(saved, current, prefix: str = "") -> dict[str, object]:
+    """The dotted keys (with `current`'s values) that `current` has and `saved` lacks: added to a config file
+    after `saved` was written."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return {}
+    out: dict[str, object] = {}
+    for key, value in current.items():
+        if key not in saved:
+            out[f"{prefix}{key}"] = value
+        else:
+            out.update(added_keys(saved[key], value, f"{prefix}{key}."))
+    return out
+
+
+def check_saved_config(saved: dict, current: dict, *, what: str, fix: str) -> dict[str, object]:
+    """Refuses (`UserError`: `what`, the first five differing keys, `fix`) a `current` config that differs from the
+    `saved` one in a key both have, or lacks a key `saved` has.
+
+    Keys only `current` has were added to the config files after `saved` was written. They are accepted, not
+    refused: this codebase adds a key with a default that keeps the old behaviour (e.g. `model.attention`), so
+    an older workdir stays usable. They are returned ({dotted key: current value}) for the caller to log, since a
+    run that overrides such a key to a non-default value is accepted too.
+    """
+    added = added_keys(saved, current)
+    diff = sorted(differing_keys(saved, current) - set(added))
+    if diff:
+        raise UserError(f"{what} (differs in {', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''})", fix=fix)
+    return added
+

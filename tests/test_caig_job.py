@@ -161,6 +161,22 @@ def test_another_config_on_the_same_workdir_is_refused(finished):
     assert "error:" in out.stderr and "preference.rounds" in out.stderr and "new --workdir" in out.stderr
 
 
+@pytest.mark.slow
+def test_a_workdir_made_before_a_config_key_existed_is_continued(finished):
+    path = os.path.join(finished, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    older = json.loads(json.dumps(config))
+    del older["preference"]["model"]["attention"]
+    with open(path, "w") as f:
+        json.dump(older, f)
+    out = _main(finished)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "before these config keys existed" in out.stderr and "preference.model.attention=" in out.stderr
+    with open(path) as f:
+        assert json.load(f) == config  # written back whole: later runs are held to the added key too
+
+
 # ------------------------------------------------------------------------------------------------ generate
 def _generate(workdir, *overrides):
     return subprocess.run([sys.executable, "-m", "caig_jax.main", "--config=configs/generate.py:tiny",

@@ -124,3 +124,20 @@ def test_render_negative_steps_fails_before_the_model(tmp_path):
     assert err.splitlines()[0] == "error: config.steps=-3: expected an integer >= 1"
     assert "Traceback" not in err and len(err.splitlines()) == 2
     assert not workdir.exists(), "nothing (products, tiny weights) may be written before the config is checked"
+
+
+def test_a_saved_config_refuses_changed_and_removed_keys_and_returns_added_ones():
+    from caig_jax.config_files import check_saved_config
+    from caig_jax.errors import UserError
+
+    saved = {"train": {"lr": 1e-3, "steps": 10}, "old": 1}
+    kwargs = dict(what="workdir w holds another run", fix="use a new --workdir")
+    assert check_saved_config(saved, {"train": {"lr": 1e-3, "steps": 10}, "old": 1}, **kwargs) == {}
+    added = check_saved_config(saved, {"train": {"lr": 1e-3, "steps": 10, "remat": "none"}, "old": 1,
+                                       "model": {"attention": "auto"}}, **kwargs)
+    assert added == {"train.remat": "none", "model": {"attention": "auto"}}
+    with pytest.raises(UserError, match=r"workdir w holds another run \(differs in train.lr\)") as e:
+        check_saved_config(saved, {"train": {"lr": 2e-3, "steps": 10, "remat": "none"}, "old": 1}, **kwargs)
+    assert e.value.fix == "use a new --workdir"
+    with pytest.raises(UserError, match=r"differs in old\)"):  # a key removed since is a change, not an addition
+        check_saved_config(saved, {"train": {"lr": 1e-3, "steps": 10}}, **kwargs)

@@ -1,6 +1,7 @@
 """The reward job end to end on a small synthetic marketplace: train, evaluate, report, ablation, resume."""
 
 import json
+import logging
 import os
 import sys
 
@@ -169,7 +170,7 @@ def _in_final_evaluation() -> bool:
     return False
 
 
-def test_test_split_is_read_once_by_the_final_evaluation(small_market, tmp_path, monkeypatch):
+def test_test_split_is_read_once_by_the_final_evaluation(small_market, tmp_path, monkeypatch, caplog):
     """Every read of a split goes through `reward_inputs.reward_pair_source` (tokenizer corpus, training pairs,
     val and test batches). The test split is opened once per run, by the final evaluation, after all training
     and validation; a re-run of the finished workdir reads nothing and returns the saved report; a re-run with
@@ -216,6 +217,15 @@ def test_test_split_is_read_once_by_the_final_evaluation(small_market, tmp_path,
     with pytest.raises(UserError, match="train.learning_rate"):
         reward.run(config, workdir)
     assert reads == []
+    # A workdir evaluated before a config key existed is reused with the key at this run's value (logged).
+    config.train.learning_rate = saved["config"]["train"]["learning_rate"]
+    del saved["config"]["model"]["attention"]
+    with open(os.path.join(workdir, reward.FINAL_EVALUATION), "w") as f:
+        json.dump(saved, f)
+    with caplog.at_level(logging.WARNING, logger=reward.__name__):
+        again = reward.run(config, workdir)
+    assert reads == [] and json.dumps(again, sort_keys=True) == json.dumps(saved["runs"], sort_keys=True)
+    assert "before these config keys existed; reused with them at: model.attention=" in caplog.text
 
 
 def test_evaluate_split_refuses_the_test_split_outside_the_final_evaluation():

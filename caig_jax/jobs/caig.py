@@ -13,7 +13,7 @@ and a greedy one per product, rendered with the rounds' renderer and scored with
 `eval.on_brief` random on-brief prompts and the per-product oracle prompt (`final_evaluation.json`). `report`
 turns that, the reward model's own final evaluation and the rounds' curves into `report.md` / `report.json`,
 `rounds.png`, `ads_grid.png` (`caig_jax.eval.caig_report`). A workdir is tied to its config (`config.json`): another
-config stops with an error instead of mixing results.
+config stops with an error instead of mixing results (keys added to the config files since are accepted, logged).
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ import ml_collections
 
 from caig_jax import parallel
 from caig_jax.config_checks import Checks, common_checks
-from caig_jax.config_files import differing_keys
-from caig_jax.errors import UserError
+from caig_jax.config_files import check_saved_config
 from caig_jax.eval import caig_report
 from caig_jax.eval.grids import write_grid
 from caig_jax.eval.prompt_models import Judge, World, evaluate_policy
@@ -141,18 +140,22 @@ class Stages:
 
 
 def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Ties the workdir to its config: a different config would mix stages trained under different settings."""
+    """Ties the workdir to its config: a different config would mix stages trained under different settings.
+
+    Keys added to the config files since the workdir was made are accepted at this run's values (logged) and
+    written into its `config.json`, so later runs are held to them."""
     path = os.path.join(workdir, "config.json")
     text = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=list))
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        if saved != text:
-            diff = sorted(differing_keys(saved, text))
-            raise UserError(f"{workdir} holds a CAIG run made with another config (differs in "
-                            f"{', '.join(diff[:5]) or 'its layout'})",
-                            fix="use a new --workdir for a new config, or re-run with the original one")
-    elif jax.process_index() == 0:
+        added = check_saved_config(saved, text, what=f"{workdir} holds a CAIG run made with another config",
+                                   fix="use a new --workdir for a new config, or re-run with the original one")
+        if not added:
+            return
+        log.warning("%s was made before these config keys existed; its remaining stages run with them at: %s",
+                    workdir, ", ".join(f"{k}={v!r}" for k, v in sorted(added.items())))
+    if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         write_json_atomic(path, text)
 

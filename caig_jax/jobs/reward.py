@@ -33,12 +33,11 @@ import ml_collections
 
 from caig_jax import files, parallel
 from caig_jax.config_checks import Checks, common_checks, layer_checks, market_checks, train_checks
-from caig_jax.config_files import differing_keys
+from caig_jax.config_files import check_saved_config
 from caig_jax.errors import MissingPathError
 from caig_jax.data.loader import reward_batches
 from caig_jax.data.market_datasets import build_world
 from caig_jax.data.reward_inputs import RewardInputBatches, build_inputs, pair_batches, train_source
-from caig_jax.errors import UserError
 from caig_jax.eval import reward_accuracy
 from caig_jax.eval.pairwise import evaluate
 from caig_jax.eval.report import write_report
@@ -195,14 +194,13 @@ def saved_final_evaluation(config: ml_collections.ConfigDict, workdir: str) -> d
         return None
     with open(path) as f:
         saved = json.load(f)
-    if saved.get("config") != json.loads(_config_text(config)):
-        old, new = saved.get("config") or {}, json.loads(_config_text(config))
-        diff = sorted(differing_keys(old, new))
-        raise UserError(
-            f"{path}: this workdir's test split was already read by a final evaluation made with another config "
-            f"(differs in {', '.join(diff[:5]) or 'its layout'})",
-            fix="choose hyper-parameters on val, then run the final configuration in a new --workdir",
-        )
+    added = check_saved_config(
+        saved.get("config") or {}, json.loads(_config_text(config)),
+        what=f"{path}: this workdir's test split was already read by a final evaluation made with another config",
+        fix="choose hyper-parameters on val, then run the final configuration in a new --workdir")
+    if added:
+        log.warning("%s was made before these config keys existed; reused with them at: %s", path,
+                    ", ".join(f"{k}={v!r}" for k, v in sorted(added.items())))
     return saved
 
 
