@@ -172,3 +172,35 @@ def jax_devices():
     import jax
 
     return jax.devices()
+
+
+def test_an_answer_that_does_not_fit_is_cut_and_flagged(trained):
+    """A sampled prompt can be longer as text than it was as tokens (a lone byte token decodes to U+FFFD, which
+    tokenizes back as three bytes): `sequence_batch` cuts such an answer at the sequence length and flags it, leaves
+    the others as they are, and refuses a length that leaves no room for any answer."""
+    from caig_jax.data.preference_inputs import sequence_batch
+    from caig_jax.data.sft_inputs import build_inputs
+    from caig_jax.trainers.sft import read_run_config
+
+    data_dir, sft_dir, _ = trained
+    config = read_run_config(sft_dir)
+    inputs, llava_config = build_inputs(config, sft_dir, data_dir)
+    image = np.full((64, 64, 3), 200, np.uint8)
+    titles, templates = ["Aurora red cotton tote bag"] * 2, [0, 0]
+    answers = ["sunset beach, warm light", "sunset beach, " + "\ufffd" * 12]
+    whole, cut = sequence_batch(inputs, llava_config, [image] * 2, titles, answers, templates, 256)
+    assert not cut.any()
+    empty, cut = sequence_batch(inputs, llava_config, [image], titles[:1], [""], templates[:1], 256)
+    assert not cut.any() and empty["loss_mask"].sum() == 0  # an empty answer (LLaVA: a bare ASSISTANT:) is no cut
+    lengths = whole["attention_mask"].sum(axis=1)
+    length = int(lengths[0]) + 4  # the short answer fits, the long one does not
+    assert lengths[1] > length
+    out, cut = sequence_batch(inputs, llava_config, [image] * 2, titles, answers, templates, length)
+    assert cut.tolist() == [False, True]
+    for key in ("input_ids", "attention_mask", "loss_mask"):
+        np.testing.assert_array_equal(out[key], whole[key][:, :length])  # the same tokens, up to the cut
+    eos = inputs.tokenizer.eos_token_id
+    assert out["input_ids"][0, lengths[0] - 1] == eos and out["input_ids"][1, -1] != eos
+    instruction_tokens = int(lengths[1] - whole["loss_mask"][1].sum())
+    with pytest.raises(ValueError, match=f"fills length={instruction_tokens}: no answer token fits"):
+        sequence_batch(inputs, llava_config, [image] * 2, titles, answers, templates, instruction_tokens)

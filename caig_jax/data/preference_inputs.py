@@ -7,7 +7,7 @@ another product's title with the same image ('paper' swap); `swap='conversation'
 other sample's instruction *and* its chosen answer).
 
     x = instruction(title, k)                                   # the k-th instruction template
-    batch = sequence_batch(inputs, images, titles, answers, k, length, patches)   # model inputs + answer mask
+    batch, cut = sequence_batch(inputs, config, images, titles, answers, ks, length)  # inputs, answers cut
 """
 
 from __future__ import annotations
@@ -32,24 +32,33 @@ def instruction(title: str, template: int) -> list[dict[str, str]]:
 
 def sequence_batch(inputs: LlavaInputs, llava_config: LlavaConfig, images: Sequence[np.ndarray],
                    titles: Sequence[str], answers: Sequence[str], templates: Sequence[int], length: int
-                   ) -> dict[str, np.ndarray]:
-    """Model inputs of (instruction + answer) conversations, right padded to `length`.
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Model inputs of (instruction + answer) conversations, right padded to `length`, and which answers were cut.
 
-    Returns input_ids / attention_mask / loss_mask int32[B, length] (loss_mask: the answer's tokens and its `</s>`),
-    pixel_values float32[B, P, 3, S, S] and image_layout int32[B, 7]. A conversation longer than `length` raises
-    naming `length`.
+    Returns (tensors, cut): input_ids / attention_mask / loss_mask int32[B, length] (loss_mask: the answer's tokens
+    and its `</s>`), pixel_values float32[B, P, 3, S, S] and image_layout int32[B, 7]; `cut` bool[B]: the answer did
+    not fit in `length` and was cut there (its `</s>` lost). An answer can be longer as text than it was sampled:
+    a lone byte-fallback token decodes to U+FFFD, which tokenizes back as three bytes. An instruction that leaves
+    no room for any answer token raises `ValueError` naming `length`.
     """
     conversations = [instruction(t, k) + [{"role": "assistant", "content": a}]
                      for t, a, k in zip(titles, answers, templates, strict=True)]
-    batch = inputs(list(images), conversations, padding_side="right", max_len=length,
+    batch = inputs(list(images), conversations, padding_side="right", max_len=length, truncation=True,
                    pad_patches_to=llava_config.max_patches)
+    # A whole conversation ends with the answer's </s>; one that fills `length` without it was cut. (An empty
+    # answer renders as a bare `ASSISTANT:`, LLaVA's rendering, and has no answer token: it is not a cut.)
+    cut = (batch["attention_mask"][:, -1] == 1) & (batch["input_ids"][:, -1] != inputs.tokenizer.eos_token_id)
+    no_answer = np.flatnonzero(cut & (batch["loss_mask"].sum(axis=1) == 0))
+    if no_answer.size:
+        raise ValueError(f"the instruction of conversation {int(no_answer[0])} fills length={length}: no answer token "
+                         f"fits")
     return {
         "input_ids": batch["input_ids"].astype(np.int32),
         "attention_mask": batch["attention_mask"].astype(np.int32),
         "loss_mask": batch["loss_mask"].astype(np.int32),
         "pixel_values": batch["pixel_values"].astype(np.float32),
         "image_layout": layout_for(llava_config, batch["image_sizes"]).astype(np.int32),
-    }
+    }, cut
 
 
 def corrupt(images: Sequence[np.ndarray], titles: Sequence[str], chosen: Sequence[str], templates: Sequence[int],

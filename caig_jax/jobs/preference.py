@@ -14,8 +14,8 @@ from the updated policy. After every round (and once before the first, for the S
 match rates and the RM's win rate against the SFT PM's prompts.
 
 Workdir: `rounds/<r>/` holds the round's data (`data.npz`: tensors and reference log-probs, written once: a
-round is never sampled twice), `samples.jsonl` (product, prompts, RM logits, chosen side, true CTRs) and
-`grid.png` (chosen vs rejected ads); `eval/<r>.json` the held-out figures (`eval/sft.json` before round 0);
+round is never sampled twice), `samples.jsonl` (product, prompts, RM logits, chosen side, true CTRs, which
+sequences were cut to `generation.sequence_length`) and `grid.png` (chosen vs rejected ads); `eval/<r>.json` the held-out figures (`eval/sft.json` before round 0);
 `report.md` / `report.json` at the end; metrics in `metrics.jsonl` and TensorBoard. A SIGTERM anywhere resumes
 at the same round and step (the engine's checkpoint holds the round in `job_state`).
 """
@@ -92,15 +92,24 @@ def sample_round(r: int, trainer: Trainer, inputs, judge: Judge, market: World, 
     llava_config = trainer.model().config
     length = config.generation.sequence_length
     data: dict[str, np.ndarray] = {}
+    for rec in records:
+        rec["answers_cut"] = []
     for prefix, parts in (("chosen", (images, titles, chosen, templates)),
                           ("rejected", (images, titles, rejected, templates)),
                           ("corrupt", (c_images, c_titles, c_answers, c_templates))):
         try:
-            tensors = sequence_batch(inputs, llava_config, *parts, length)
+            tensors, cut = sequence_batch(inputs, llava_config, *parts, length)
         except ValueError as e:
             raise UserError(f"round {r}: {e}", fix="raise config.generation.sequence_length") from None
         for key, value in tensors.items():
             data[f"{prefix}_{key}"] = value
+        for i in np.flatnonzero(cut):
+            records[i]["answers_cut"].append(prefix)
+        if cut.any():
+            # Rare (a sampled lone byte token re-tokenizes as three); cutting keeps the round's shapes and both
+            # models score the same cut sequence, where stopping would lose the run.
+            log.warning("round %d: %d of %d %s sequences longer than generation.sequence_length=%d: their answers "
+                        "are cut to fit (samples.jsonl: answers_cut)", r, int(cut.sum()), len(cut), prefix, length)
     n = len(pids)
     padded, _ = parallel.pad_to_multiple(data, parallel.num_batch_shards(mesh))
     ref = sequence_logps_of(trainer, reference_params(trainer), parallel.global_batch(mesh, padded))
