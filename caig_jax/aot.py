@@ -315,7 +315,6 @@ def render_program(config, mesh: Mesh) -> Program:
     split = [parallel.abstract_with_shardings(make, mesh) for make in makers]
     modules = [attention_lib.configure(nnx.merge(g, s), config.attention, mesh, dtype) for g, s in split]
     graphdefs, states = zip(*(nnx.split(m) for m in modules))
-    unet, vae, text_encoder, controlnet = modules
 
     vae_scale = 2 ** (len(vae_c.block_out_channels) - 1)
     sample = unet_c.sample_size[0] if isinstance(unet_c.sample_size, (tuple, list)) else unet_c.sample_size
@@ -365,7 +364,6 @@ def render_program(config, mesh: Mesh) -> Program:
                           jax.ShapeDtypeStruct((b, latent, latent, channels), dtype))
         + _unrolled_flops(lambda s, ids: nnx.merge(graphdefs[2], s)(ids)[0], _unsharded(states[2]),
                           jax.ShapeDtypeStruct((rows, text_len), jnp.int32)))
-    del unet, text_encoder, controlnet
     return Program(lowered, config.steps * step_flops + ends_flops,
                    f"{config.steps} steps x {step_flops:.3e} (ControlNet + UNet on {rows} rows"
                    f"{' = 2 x batch for CFG' if cfg else ''}) + text encoder and VAE encode/decode "

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 import os
 import sys
 
 from ml_collections import ConfigDict
 
 from caig_jax.errors import MissingPathError, UserError
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,6 +63,11 @@ def differing_keys(a, b, prefix: str = "") -> set[str]:
     return set() if a == b else {prefix.rstrip(".")}
 
 
+def config_json(config: ConfigDict) -> dict:
+    """`config` as the JSON dict a workdir records it in (sorted keys, tuples as lists)."""
+    return json.loads(json.dumps(config.to_dict(), sort_keys=True, default=list))
+
+
 def added_keys(saved, current, prefix: str = "") -> dict[str, object]:
     """The dotted keys (with `current`'s values) that `current` has and `saved` lacks: added to a config file
     after `saved` was written."""
@@ -73,18 +82,20 @@ def added_keys(saved, current, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def check_saved_config(saved: dict, current: dict, *, what: str, fix: str) -> dict[str, object]:
+def check_saved_config(saved: dict, current: dict, *, source: str, what: str, fix: str) -> dict[str, object]:
     """Refuses (`UserError`: `what`, the first five differing keys, `fix`) a `current` config that differs from the
-    `saved` one in a key both have, or lacks a key `saved` has.
+    `saved` one (read from `source`) in a key both have, or lacks a key `saved` has.
 
     Keys only `current` has were added to the config files after `saved` was written. They are accepted, not
     refused: this codebase adds a key with a default that keeps the old behaviour (e.g. `model.attention`), so
-    an older workdir stays usable. They are returned ({dotted key: current value}) for the caller to log, since a
-    run that overrides such a key to a non-default value is accepted too.
+    an older workdir stays usable. They are logged (a run that overrides such a key to a non-default value is
+    accepted too) and returned ({dotted key: current value}).
     """
     added = added_keys(saved, current)
     diff = sorted(differing_keys(saved, current) - set(added))
     if diff:
         raise UserError(f"{what} (differs in {', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''})", fix=fix)
+    if added:
+        log.warning("%s was made before these config keys existed; going on with them at: %s", source,
+                    ", ".join(f"{k}={v!r}" for k, v in sorted(added.items())))
     return added
-

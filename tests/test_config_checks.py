@@ -131,7 +131,7 @@ def test_a_saved_config_refuses_changed_and_removed_keys_and_returns_added_ones(
     from caig_jax.errors import UserError
 
     saved = {"train": {"lr": 1e-3, "steps": 10}, "old": 1}
-    kwargs = dict(what="workdir w holds another run", fix="use a new --workdir")
+    kwargs = dict(source="w/config.json", what="workdir w holds another run", fix="use a new --workdir")
     assert check_saved_config(saved, {"train": {"lr": 1e-3, "steps": 10}, "old": 1}, **kwargs) == {}
     added = check_saved_config(saved, {"train": {"lr": 1e-3, "steps": 10, "remat": "none"}, "old": 1,
                                        "model": {"attention": "auto"}}, **kwargs)

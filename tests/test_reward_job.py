@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from caig_jax import config_files
 from caig_jax.data import market_datasets, reward_inputs
 from caig_jax.errors import UserError
 from caig_jax.jobs import reward
@@ -222,10 +223,10 @@ def test_test_split_is_read_once_by_the_final_evaluation(small_market, tmp_path,
     del saved["config"]["model"]["attention"]
     with open(os.path.join(workdir, reward.FINAL_EVALUATION), "w") as f:
         json.dump(saved, f)
-    with caplog.at_level(logging.WARNING, logger=reward.__name__):
+    with caplog.at_level(logging.WARNING, logger=config_files.__name__):
         again = reward.run(config, workdir)
     assert reads == [] and json.dumps(again, sort_keys=True) == json.dumps(saved["runs"], sort_keys=True)
-    assert "before these config keys existed; reused with them at: model.attention=" in caplog.text
+    assert "before these config keys existed; going on with them at: model.attention=" in caplog.text
 
 
 def test_evaluate_split_refuses_the_test_split_outside_the_final_evaluation():

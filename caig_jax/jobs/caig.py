@@ -29,7 +29,7 @@ import ml_collections
 
 from caig_jax import parallel
 from caig_jax.config_checks import Checks, common_checks
-from caig_jax.config_files import check_saved_config
+from caig_jax.config_files import check_saved_config, config_json
 from caig_jax.eval import caig_report
 from caig_jax.eval.grids import write_grid
 from caig_jax.eval.prompt_models import Judge, World, evaluate_policy
@@ -145,16 +145,13 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> No
     Keys added to the config files since the workdir was made are accepted at this run's values (logged) and
     written into its `config.json`, so later runs are held to them."""
     path = os.path.join(workdir, "config.json")
-    text = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=list))
+    text = config_json(config)
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        added = check_saved_config(saved, text, what=f"{workdir} holds a CAIG run made with another config",
-                                   fix="use a new --workdir for a new config, or re-run with the original one")
-        if not added:
+        if not check_saved_config(saved, text, source=path, what=f"{workdir} holds a CAIG run made with another config",
+                                  fix="use a new --workdir for a new config, or re-run with the original one"):
             return
-        log.warning("%s was made before these config keys existed; its remaining stages run with them at: %s",
-                    workdir, ", ".join(f"{k}={v!r}" for k, v in sorted(added.items())))
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         write_json_atomic(path, text)

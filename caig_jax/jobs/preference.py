@@ -15,7 +15,8 @@ match rates and the RM's win rate against the SFT PM's prompts.
 
 Workdir: `rounds/<r>/` holds the round's data (`data.npz`: tensors and reference log-probs, written once: a
 round is never sampled twice), `samples.jsonl` (product, prompts, RM logits, chosen side, true CTRs, which
-sequences were cut to `generation.sequence_length`) and `grid.png` (chosen vs rejected ads); `eval/<r>.json` the held-out figures (`eval/sft.json` before round 0);
+sequences were cut to `generation.sequence_length`) and `grid.png` (chosen vs rejected ads); `eval/<r>.json` the
+held-out figures (`eval/sft.json` before round 0);
 `report.md` / `report.json` at the end; metrics in `metrics.jsonl` and TensorBoard. A SIGTERM anywhere resumes
 at the same round and step (the engine's checkpoint holds the round in `job_state`).
 """

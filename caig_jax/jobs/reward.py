@@ -33,7 +33,7 @@ import ml_collections
 
 from caig_jax import files, parallel
 from caig_jax.config_checks import Checks, common_checks, layer_checks, market_checks, train_checks
-from caig_jax.config_files import check_saved_config
+from caig_jax.config_files import check_saved_config, config_json
 from caig_jax.errors import MissingPathError
 from caig_jax.data.loader import reward_batches
 from caig_jax.data.market_datasets import build_world
@@ -183,10 +183,6 @@ def evaluate_split(run_config, data_dir, split, model, mesh, predictions_path: s
         batches.close()
 
 
-def _config_text(config: ml_collections.ConfigDict) -> str:
-    return json.dumps(config.to_dict(), sort_keys=True, default=list)
-
-
 def saved_final_evaluation(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     """`<workdir>/final_evaluation.json` when it exists (None otherwise); refuses one made with another config."""
     path = os.path.join(workdir, FINAL_EVALUATION)
@@ -194,13 +190,10 @@ def saved_final_evaluation(config: ml_collections.ConfigDict, workdir: str) -> d
         return None
     with open(path) as f:
         saved = json.load(f)
-    added = check_saved_config(
-        saved.get("config") or {}, json.loads(_config_text(config)),
+    check_saved_config(
+        saved.get("config") or {}, config_json(config), source=path,
         what=f"{path}: this workdir's test split was already read by a final evaluation made with another config",
         fix="choose hyper-parameters on val, then run the final configuration in a new --workdir")
-    if added:
-        log.warning("%s was made before these config keys existed; reused with them at: %s", path,
-                    ", ".join(f"{k}={v!r}" for k, v in sorted(added.items())))
     return saved
 
 
@@ -223,7 +216,7 @@ def final_evaluation(config, workdir: str, trained, data_dir: str, mesh, saved: 
     Runs already in `saved` (an interrupted final evaluation) are not evaluated again. Each opening of the test
     split is logged to `<workdir>/test_reads.jsonl` before it happens, and `<workdir>/final_evaluation.json`
     (metrics, val metrics, config) is written after each run. Returns {name: test metrics}."""
-    record = saved or {"by": FINAL, "split": config.data.test_split, "config": json.loads(_config_text(config)),
+    record = saved or {"by": FINAL, "split": config.data.test_split, "config": config_json(config),
                        "runs": {}, "val": {}, "complete": False}
     results = {}
     for name, run_dir, model, run_config, val in trained:
